@@ -1,0 +1,160 @@
+"""All options in one dataclass. The command line is generated from it; presets fill what the user
+did not set, per dataset (or `--preset`)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from rela.errors import RelaError
+
+
+def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    # What to train on
+    dataset: str = opt("digits", "dataset", ("digits", "cifar10", "cifar100", "imagefolder"))
+    data: str | None = opt(None, "data folder (CIFAR batches, or an ImageFolder tree with optional train/ and val/)")
+    preset: str | None = opt(None, "option preset (defaults to the dataset's; 'imagenet' for ImageNet-1K scale)",
+                             ("digits", "cifar10", "cifar100", "imagefolder", "imagenet"))
+    image_size: int = opt(224, "training crop size in pixels")
+    val_fraction: float = opt(0.2, "held-out fraction for validation when the data has no val split")
+    skip_corrupt: bool = opt(False, "skip images that fail to decode (and report how many) instead of stopping")
+    # What to train
+    arch: str = opt("resnet50", "backbone: resnet18, resnet50, resnet18_cifar, resnet50_cifar, small_resnet")
+    method: str = opt("byol", "self-supervised method of the SSL phase", ("byol",))
+    proj_hidden: int = opt(4096, "projector/predictor hidden width")
+    proj_dim: int = opt(256, "projection width")
+    # RELA
+    prior: str = opt("rand", "prior: none | rand | torchvision:NAME[:WEIGHTS.pth] | torchscript:PATH | run:DIR")
+    prior_size: int | None = opt(None, "prior input size (default: 224 for torchvision/torchscript priors, "
+                                       "the training size for rand, the run's size for run:)")
+    prior_seed: int | None = opt(None, "seed of a randomly initialised prior (default: --seed + 1)")
+    rela_phase: str = opt("adaptive", "end of the RELA phase: 'adaptive' (loss plateau) or a fraction of "
+                                      "the training steps, e.g. 0.3")
+    rela_threshold: float = opt(0.995, "adaptive rule: end when rho = exp(-max(slow - fast, 0)) >= this")
+    rela_train_map: bool = opt(False, "train the linear map W from features to targets (fixed random by default)")
+    rela_crop_min_scale: float = opt(0.25, "smallest random-crop scale of RELA's views")
+    byol_crop_min_scale: float = opt(0.08, "smallest random-crop scale of BYOL's views")
+    bank_dir: str = opt(".rela_cache", "folder for target banks, keyed by dataset, prior and preprocessing")
+    target_bank: str | None = opt(None, "use this target bank file (error if its key or shape does not match)")
+    bank_batch_size: int = opt(256, "batch size of the prior's pass over the training set")
+    # Budget and schedule
+    budget: float = opt(1.0, "fraction of the training set drawn afresh each epoch, in (0, 1]")
+    epochs: int = opt(100, "epochs (each over the budgeted subset)")
+    batch_size: int = opt(256, "global batch size (all ranks, all accumulation steps)")
+    grad_accum: int = opt(1, "gradient accumulation steps per optimiser step")
+    optimizer: str = opt("lars", "optimiser", ("adamw", "lars"))
+    lr: float = opt(0.2, "learning rate per 256 images (scaled linearly with the batch size)")
+    weight_decay: float = opt(1.5e-6, "weight decay (not on biases and norm layers)")
+    warmup_epochs: float = opt(10.0, "linear warm-up epochs, then cosine decay")
+    base_momentum: float = opt(0.996, "EMA momentum of the target network at the start (cosine to 1.0)")
+    # Evaluation
+    knn_k: int = opt(20, "neighbours of the kNN classifier")
+    knn_temperature: float = opt(0.07, "temperature of the kNN classifier's votes")
+    probe_epochs: int = opt(100, "epochs of the offline linear probe on frozen features")
+    eval_batch_size: int = opt(256, "batch size of feature extraction")
+    # Machinery
+    seed: int = opt(0, "random seed")
+    out: str = opt("runs/default", "run folder: config.json, metrics.jsonl, checkpoints, summary.json")
+    resume: str | None = opt(None, "'auto' to continue from the run folder's latest checkpoint, or a checkpoint path")
+    device: str = opt("auto", "device", ("auto", "cpu", "cuda"))
+    precision: str = opt("auto", "training precision (auto: bf16 autocast on CUDA, fp32 on CPU)", ("auto", "fp32", "bf16"))
+    channels_last: bool | None = opt(None, "channels_last memory format (default: on for CUDA)")
+    fused_ops: str = opt("auto", "Triton fused losses and EMA (auto: on for CUDA)", ("auto", "on", "off"))
+    loader: str = opt("auto", "data loader (auto: dali where installed and on a GPU)", ("auto", "torch", "dali"))
+    workers: int = opt(4, "decoding workers per rank (file datasets)")
+    sync_bn: bool = opt(False, "synchronise BatchNorm statistics across ranks")
+    ckpt_every: int = opt(500, "checkpoint every N steps (and at each epoch end)")
+    log_every: int = opt(20, "log metrics (and check the RELA plateau) every N steps")
+    stop_after_steps: int | None = opt(None, "stop (with a checkpoint) after this many steps, as if interrupted")
+    deterministic: bool = opt(False, "deterministic algorithms (slower; for exact resume checks)")
+    progress: bool = opt(True, "show a progress bar on rank 0")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "digits": dict(arch="small_resnet", image_size=16, epochs=60, batch_size=64, optimizer="adamw", lr=2e-3,
+                   weight_decay=1e-4, warmup_epochs=2, base_momentum=0.99, proj_hidden=512, proj_dim=128,
+                   budget=0.2, workers=0, bank_batch_size=256, knn_k=20, probe_epochs=100, log_every=10,
+                   ckpt_every=200),
+    "cifar10": dict(arch="resnet18_cifar", image_size=32, epochs=200, batch_size=256, optimizer="adamw",
+                    lr=1e-3, weight_decay=1e-4, warmup_epochs=10, base_momentum=0.99, proj_hidden=2048,
+                    proj_dim=256, workers=0, knn_k=200),
+    "imagefolder": dict(arch="resnet18", image_size=64, epochs=100, batch_size=256, optimizer="adamw",
+                        lr=1e-3, weight_decay=1e-4, warmup_epochs=10, base_momentum=0.99, proj_hidden=2048,
+                        proj_dim=256, knn_k=200),
+    "imagenet": dict(arch="resnet50", image_size=224, epochs=100, batch_size=4096, optimizer="lars", lr=0.2,
+                     weight_decay=1.5e-6, warmup_epochs=10, base_momentum=0.996, proj_hidden=4096,
+                     proj_dim=256, knn_k=200, workers=8),
+}
+PRESETS["cifar100"] = PRESETS["cifar10"]
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rela.train",
+        description="Train a backbone with BYOL, accelerated by RELA (static targets from a frozen prior). "
+                    "Options not given take the preset of the dataset (see --preset).",
+        allow_abbrev=False)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"default": None, "help": f.metadata["help"], "dest": f.name}
+        if f.metadata["choices"]:
+            kwargs["choices"] = f.metadata["choices"]
+        base_type = f.type.split("|")[0].strip() if isinstance(f.type, str) else f.type
+        if base_type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            kwargs["type"] = {"int": int, "float": float, "str": str}[base_type]
+            parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    args = vars(build_parser().parse_args(argv))
+    given = {k: v for k, v in args.items() if v is not None}
+    return resolve_config(given)
+
+
+def resolve_config(given: dict[str, Any]) -> Config:
+    """Dataclass defaults, then the preset, then what the user gave."""
+    unknown = set(given) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise RelaError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    dataset = given.get("dataset", Config.dataset)
+    preset = given.get("preset") or dataset
+    if preset not in PRESETS:
+        raise RelaError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **given, "preset": preset}
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    if not 0.0 < cfg.budget <= 1.0:
+        raise RelaError(f"--budget must be in (0, 1], got {cfg.budget}")
+    if cfg.rela_phase != "adaptive":
+        try:
+            fraction = float(cfg.rela_phase)
+        except ValueError:
+            raise RelaError(f"--rela-phase must be 'adaptive' or a fraction in (0, 1], got {cfg.rela_phase!r}") from None
+        if not 0.0 < fraction <= 1.0:
+            raise RelaError(f"--rela-phase fraction must be in (0, 1], got {fraction}")
+    for name in ("epochs", "batch_size", "grad_accum", "image_size", "log_every", "ckpt_every", "bank_batch_size",
+                 "eval_batch_size", "knn_k"):
+        if getattr(cfg, name) < 1:
+            raise RelaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.workers < 0:
+        raise RelaError(f"--workers must be >= 0, got {cfg.workers}")
+    if cfg.resume not in (None, "auto") and not cfg.resume.endswith(".pt"):
+        raise RelaError(f"--resume takes 'auto' or a checkpoint .pt file, got {cfg.resume!r}")
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

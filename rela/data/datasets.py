@@ -1,0 +1,229 @@
+"""Training and validation images: in-memory arrays (digits, CIFAR) and files (ImageFolder trees).
+
+Every dataset answers `len()`, `labels` (int64, one per image), `fingerprint()` (what the target bank
+is keyed by) and `read(i)` (one image as uint8 HWC RGB). Images are decoded by the loaders, never here
+at start-up, so a 1.28M-image tree opens in seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rela.errors import RelaError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+class ArrayImages:
+    """Images held in memory as one uint8 array (N, H, W, 3)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str):
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise RelaError(f"{name}: expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+        self.images = np.ascontiguousarray(images)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, index: int) -> np.ndarray:
+        return self.images[index]
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(str(self.images.shape).encode())
+        digest.update(self.images.tobytes())
+        digest.update(self.labels.tobytes())
+        return f"{self.name}:array:{digest.hexdigest()[:16]}"
+
+    def subset(self, indices: np.ndarray, name: str) -> "ArrayImages":
+        return ArrayImages(self.images[indices], self.labels[indices], name)
+
+
+class FileImages:
+    """Image files with integer labels (class sub-folders); decoded on demand."""
+
+    def __init__(self, root: Path, files: list[str], labels: np.ndarray, name: str):
+        self.root = Path(root)
+        self.files = files
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def path(self, index: int) -> Path:
+        return self.root / self.files[index]
+
+    def read(self, index: int, draft_size: int | None = None) -> np.ndarray:
+        """Decodes image `index` to uint8 RGB; raises CorruptImageError naming the file."""
+        return decode_image(self.path(index), draft_size)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for rel, label in zip(self.files, self.labels.tolist()):
+            digest.update(f"{rel}\0{os.path.getsize(self.root / rel)}\0{label}\n".encode())
+        return f"{self.name}:files:{len(self.files)}:{digest.hexdigest()[:16]}"
+
+    def subset(self, indices: np.ndarray, name: str) -> "FileImages":
+        return FileImages(self.root, [self.files[i] for i in indices], self.labels[indices], name)
+
+
+class CorruptImageError(RelaError):
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"cannot decode image {path}: {reason} (pass --skip-corrupt to skip such files)")
+        self.path = path
+
+
+def decode_image(path: Path, draft_size: int | None = None) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if draft_size is not None and image.format == "JPEG":
+                # JPEG's DCT scaling decodes at 1/2, 1/4 or 1/8 size for a fraction of the cost.
+                image.draft("RGB", (draft_size, draft_size))
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as err:  # PIL reports truncated/corrupt data as these
+        raise CorruptImageError(path, str(err) or type(err).__name__) from None
+
+
+@dataclass
+class DatasetSplits:
+    train: ArrayImages | FileImages
+    val: ArrayImages | FileImages
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    # Square side the images naturally have (arrays) or are decoded to before cropping (files).
+    native_size: int
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.train, ArrayImages)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+
+
+def load_dataset(name: str, path: str | None, *, split_seed: int = 0, val_fraction: float = 0.2) -> DatasetSplits:
+    if name == "digits":
+        return _load_digits(split_seed, val_fraction)
+    if name in ("cifar10", "cifar100"):
+        return _load_cifar(name, _existing_folder(path, name), split_seed, val_fraction)
+    if name == "imagefolder":
+        return _load_imagefolder(_existing_folder(path, name), split_seed, val_fraction)
+    raise RelaError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def _existing_folder(path: str | None, dataset: str) -> Path:
+    if not path:
+        raise RelaError(f"--dataset {dataset} needs --data PATH")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise RelaError(f"data folder {folder} does not exist")
+    if not any(folder.iterdir()):
+        raise RelaError(f"data folder {folder} is empty")
+    return folder
+
+
+def _held_out_split(n: int, seed: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(n * val_fraction)))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _load_digits(split_seed: int, val_fraction: float) -> DatasetSplits:
+    import torch
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # 8x8 grey levels 0..16, upsampled once (bilinear) to 32x32 so crops keep some detail.
+    grey = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]
+    grey = torch.nn.functional.interpolate(grey, size=(32, 32), mode="bilinear", align_corners=False)
+    images = (grey.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
+    images = images.permute(0, 2, 3, 1).contiguous().numpy()
+    full = ArrayImages(images, digits.target, "digits")
+    train_idx, val_idx = _held_out_split(len(full), split_seed, val_fraction)
+    mean, std = (0.2,) * 3, (0.33,) * 3  # measured on the upsampled images
+    return DatasetSplits(full.subset(train_idx, "digits/train"), full.subset(val_idx, "digits/val"),
+                         10, mean, std, 32)
+
+
+def _load_cifar(name: str, folder: Path, split_seed: int, val_fraction: float) -> DatasetSplits:
+    # Accept the folder itself or its standard sub-folder (cifar-10-batches-py, cifar-100-python).
+    for candidate in (folder, folder / "cifar-10-batches-py", folder / "cifar-100-python"):
+        train_files = sorted(candidate.glob("data_batch_*")) if name == "cifar10" else [candidate / "train"]
+        if train_files and all(f.is_file() for f in train_files):
+            folder = candidate
+            break
+    else:
+        expected = "data_batch_1..5 and test_batch" if name == "cifar10" else "train and test"
+        raise RelaError(f"{folder} holds no {name} python-pickle batches (expected {expected})")
+    test_file = folder / ("test_batch" if name == "cifar10" else "test")
+    label_key = b"labels" if name == "cifar10" else b"fine_labels"
+
+    def read_batches(files):
+        images, labels = [], []
+        for f in files:
+            try:
+                with open(f, "rb") as fh:
+                    batch = pickle.load(fh, encoding="bytes")
+                images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.append(np.asarray(batch[label_key], dtype=np.int64))
+            except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as err:
+                raise RelaError(f"cannot read CIFAR batch {f}: {err}") from None
+        return np.concatenate(images).transpose(0, 2, 3, 1), np.concatenate(labels)
+
+    train_images, train_labels = read_batches(train_files)
+    train = ArrayImages(train_images, train_labels, f"{name}/train")
+    if test_file.is_file():
+        val = ArrayImages(*read_batches([test_file]), f"{name}/test")
+    else:
+        train_idx, val_idx = _held_out_split(len(train), split_seed, val_fraction)
+        train, val = train.subset(train_idx, f"{name}/train"), train.subset(val_idx, f"{name}/val")
+    return DatasetSplits(train, val, 10 if name == "cifar10" else 100, CIFAR_MEAN, CIFAR_STD, 32)
+
+
+def _scan_class_folders(root: Path) -> tuple[list[str], np.ndarray, list[str]]:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise RelaError(f"{root} has no class sub-folders (expected ROOT/CLASS/IMAGE.jpg)")
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+        for dirpath, _, names in os.walk(root / cls, followlinks=True):
+            for n in sorted(names):
+                if n.lower().endswith(IMAGE_SUFFIXES):
+                    files.append(os.path.relpath(os.path.join(dirpath, n), root))
+                    labels.append(label)
+    if not files:
+        raise RelaError(f"{root} has class folders but no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files, np.asarray(labels, dtype=np.int64), classes
+
+
+def _load_imagefolder(folder: Path, split_seed: int, val_fraction: float) -> DatasetSplits:
+    train_dir, val_dir = folder / "train", folder / "val"
+    if train_dir.is_dir() and val_dir.is_dir():
+        files, labels, classes = _scan_class_folders(train_dir)
+        val_files, val_labels, val_classes = _scan_class_folders(val_dir)
+        if val_classes != classes:
+            raise RelaError(f"{val_dir} and {train_dir} have different class folders")
+        train = FileImages(train_dir, files, labels, "imagefolder/train")
+        val = FileImages(val_dir, val_files, val_labels, "imagefolder/val")
+    else:
+        files, labels, classes = _scan_class_folders(folder)
+        full = FileImages(folder, files, labels, "imagefolder")
+        train_idx, val_idx = _held_out_split(len(full), split_seed, val_fraction)
+        train, val = full.subset(train_idx, "imagefolder/train"), full.subset(val_idx, "imagefolder/val")
+    return DatasetSplits(train, val, len(classes), IMAGENET_MEAN, IMAGENET_STD, 0)

@@ -1,0 +1,179 @@
+"""The torch loader: uint8 images to the device, then both views made there in one batched pass.
+
+Files are decoded by DataLoader workers to a fixed square (`decode_size`); in-memory arrays live on the
+device whole. Augmentation runs at the step that consumes the batch (see views.py), so switching from
+RELA's views to BYOL's takes effect at exactly the step asked for. Each batch carries its dataset
+indices (the target bank is looked up by them) and labels (for the online probe).
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from rela.data.budget import BudgetSampler
+from rela.data.datasets import ArrayImages, CorruptImageError, FileImages
+from rela.data.views import Normalize, augment_batch, resize_center_crop, view_pair
+from rela.errors import RelaError
+
+
+@dataclass
+class TrainBatch:
+    view1: torch.Tensor  # (B, 3, S, S) normalised, model dtype/layout
+    view2: torch.Tensor
+    index: torch.Tensor  # (B,) int64 dataset indices, on the device
+    label: torch.Tensor  # (B,) int64, on the device
+
+
+def _pil_square(image: np.ndarray, size: int, crop_fraction: float | None) -> np.ndarray:
+    """uint8 HWC -> uint8 (3, size, size): squashed whole (crop_fraction None) or resized + center crop."""
+    from PIL import Image
+
+    pil = Image.fromarray(image)
+    if crop_fraction is None:
+        pil = pil.resize((size, size), Image.BILINEAR, reducing_gap=3.0)
+    else:
+        w, h = pil.size
+        short = round(size / crop_fraction)
+        new_w, new_h = (short, max(short, round(h * short / w))) if w <= h else (max(short, round(w * short / h)), short)
+        pil = pil.resize((new_w, new_h), Image.BILINEAR, reducing_gap=3.0)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        pil = pil.crop((left, top, left + size, top + size))
+    return np.asarray(pil).transpose(2, 0, 1)
+
+
+class _DecodedFiles(Dataset):
+    """Worker side: decode one file to a uint8 square. A corrupt file yields a flag, not an exception,
+    so the main process can name it or skip it."""
+
+    def __init__(self, files: FileImages, size: int, crop_fraction: float | None):
+        self.files, self.size, self.crop_fraction = files, size, crop_fraction
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        try:
+            image = self.files.read(index, draft_size=self.size)
+            return torch.from_numpy(_pil_square(image, self.size, self.crop_fraction)), index, ""
+        except CorruptImageError as err:
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), index, str(err)
+
+
+def _collate(samples):
+    images, indices, errors = zip(*samples)
+    return torch.stack(images), torch.tensor(indices, dtype=torch.int64), list(errors)
+
+
+class ImageSource:
+    """Yields (uint8 images (B, 3, S, S) on the device, indices (B,) int64 CPU) for given index batches.
+
+    mode 'train': the whole image squashed to `size` (files) or as stored (arrays), for random crops;
+    mode 'eval': resize + center crop to `size` (deterministic; the prior's and the probe's input).
+    """
+
+    def __init__(self, dataset: ArrayImages | FileImages, device: torch.device, *, num_workers: int = 0,
+                 skip_corrupt: bool = False):
+        self.dataset, self.device = dataset, torch.device(device)
+        self.num_workers, self.skip_corrupt = num_workers, skip_corrupt
+        self.skipped: set[int] = set()
+        self._resident = None
+        if isinstance(dataset, ArrayImages):
+            self._resident = torch.from_numpy(dataset.images).permute(0, 3, 1, 2).contiguous().to(self.device)
+
+    def iterate(self, batches: list[np.ndarray], *, mode: str, size: int, crop_fraction: float = 0.875
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._resident is not None:
+            for batch in batches:
+                index = torch.as_tensor(np.asarray(batch), dtype=torch.int64)
+                images = self._resident.index_select(0, index.to(self.device))
+                if mode == "eval":
+                    images = (resize_center_crop(images, size, crop_fraction) * 255).round_().to(torch.uint8)
+                yield images, index
+            return
+        decoded = _DecodedFiles(self.dataset, size, None if mode == "train" else crop_fraction)
+        loader = DataLoader(decoded, batch_sampler=[list(map(int, b)) for b in batches],
+                            num_workers=self.num_workers, collate_fn=_collate,
+                            pin_memory=self.device.type == "cuda",
+                            persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+        for images, index, errors in loader:
+            bad = [i for i, e in enumerate(errors) if e]
+            if bad:
+                if not self.skip_corrupt:
+                    raise RelaError(errors[bad[0]])
+                self.skipped.update(int(index[i]) for i in bad)
+                keep = torch.tensor([i for i in range(len(errors)) if not errors[i]], dtype=torch.int64)
+                images, index = images[keep], index[keep]
+                if len(index) == 0:
+                    continue
+            yield images.to(self.device, non_blocking=True), index
+
+    def load(self, indices: torch.Tensor, *, size: int, crop_fraction: float) -> torch.Tensor:
+        """Eval-preprocessed uint8 images for arbitrary indices, decoded by a thread pool (PIL releases
+        the GIL while decoding and resizing). A corrupt file raises, or gives a black image when
+        skipping (its row is never trained on)."""
+        batch = np.asarray(indices, dtype=np.int64)
+        if self._resident is not None:
+            return next(self.iterate([batch], mode="eval", size=size, crop_fraction=crop_fraction))[0]
+
+        def one(i: int) -> torch.Tensor:
+            try:
+                return torch.from_numpy(_pil_square(self.dataset.read(i, size), size, crop_fraction))
+            except CorruptImageError:
+                if not self.skip_corrupt:
+                    raise
+                self.skipped.add(i)
+                return torch.zeros(3, size, size, dtype=torch.uint8)
+
+        with ThreadPoolExecutor(max(1, self.num_workers)) as pool:
+            images = torch.stack(list(pool.map(one, batch.tolist())))
+        return images.to(self.device, non_blocking=True)
+
+
+class TorchTrainLoader:
+    """Budgeted two-view training batches. `set_view_mode('rela'|'byol')` applies from the next batch."""
+
+    def __init__(self, source: ImageSource, sampler: BudgetSampler, *, image_size: int, decode_size: int,
+                 normalize: Normalize, seed: int, view_mode: str = "byol",
+                 crop_min_scale: dict[str, float | None] | None = None):
+        self.source, self.sampler = source, sampler
+        self.image_size, self.decode_size = image_size, decode_size
+        self.normalize = normalize
+        self.crop_min_scale = crop_min_scale or {}
+        self.generator = torch.Generator(device=source.device)
+        self.generator.manual_seed(seed)
+        self.labels = torch.as_tensor(source.dataset.labels, dtype=torch.int64).to(source.device)
+        self.set_view_mode(view_mode)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def set_view_mode(self, mode: str) -> None:
+        self.view_mode = mode
+        self.views = view_pair(mode, self.crop_min_scale.get(mode))
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TrainBatch]:
+        batches = self.sampler.batches(epoch, start_step)
+        for images, index in self.source.iterate(batches, mode="train", size=self.decode_size):
+            v1 = self.normalize(augment_batch(images, self.views[0], self.image_size, self.generator))
+            v2 = self.normalize(augment_batch(images, self.views[1], self.image_size, self.generator))
+            index = index.to(self.source.device, non_blocking=True)
+            yield TrainBatch(v1, v2, index, self.labels.index_select(0, index))
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "view_mode": self.view_mode}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.set_view_mode(state["view_mode"])
+
+
+def default_decode_size(image_size: int) -> int:
+    """Files are decoded to a square a bit larger than the output so random crops keep detail."""
+    return int(math.ceil(image_size * 1.15))

@@ -1,0 +1,43 @@
+"""Frozen-backbone features of a whole split, without augmentation, gathered on every rank."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from rela.data.views import Normalize, resize_center_crop
+from rela.utils import distributed as dist_utils
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, source, *, size: int, crop_fraction: float, normalize: Normalize,
+                     batch_size: int, dist: dist_utils.DistInfo, autocast_dtype=None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (features (N, F) float32, labels (N,)) in dataset order on `source.device`; each rank
+    encodes a contiguous block and the blocks are gathered."""
+    n = len(source.dataset)
+    bounds = np.linspace(0, n, dist.world_size + 1).astype(int)
+    mine = np.arange(bounds[dist.rank], bounds[dist.rank + 1])
+    batches = [mine[s: s + batch_size] for s in range(0, len(mine), batch_size)]
+    was_training = backbone.training
+    backbone.eval()
+    feats, indices = [], []
+    for images, index in source.iterate(batches, mode="eval", size=size, crop_fraction=crop_fraction):
+        x = normalize(resize_center_crop(images, size, 1.0))
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            feats.append(backbone(x).float())
+        indices.append(index)
+    backbone.train(was_training)
+    device = source.device
+    local = torch.cat(feats) if feats else torch.zeros((0, backbone.feature_dim), device=device)
+    local_index = torch.cat(indices).to(device) if indices else torch.zeros(0, dtype=torch.int64, device=device)
+    counts = [int(bounds[r + 1] - bounds[r]) for r in range(dist.world_size)]
+    if len(local) != counts[dist.rank]:  # corrupt files skipped: keep rows aligned with their labels
+        counts = None
+    if counts is not None and dist.enabled:
+        features = dist_utils.all_gather_rows(local, counts)
+        index = dist_utils.all_gather_rows(local_index, counts)
+    else:
+        features, index = local, local_index
+    labels = torch.as_tensor(source.dataset.labels, device=device)[index]
+    return features, labels
