@@ -1,0 +1,235 @@
+"""Fused negative-cosine losses over row pairs: loss = NUM_PAIRS - sum_pairs mean_rows cos(a_i, b_i).
+
+One pair (a, b) is RELA's 1 - cos(y_hat, y); two pairs (p1, z2), (p2, z1) are BYOL's symmetric
+loss 0.5 * mean(2 - 2 cos(p1, z2)) + 0.5 * mean(2 - 2 cos(p2, z1)). Only the `a` side is
+differentiated. The cosine follows torch.nn.functional.cosine_similarity: each norm is clamped to
+eps, and the clamp is invisible to the gradient (torch clamps in place under no_grad), so
+
+    cos   = a.b * r,               r = 1 / (max(|a|, eps) * max(|b|, eps))
+    dcos/da = r * b - s * a,       s = cos / (max(|a|, eps) * |a|), 0 where |a| = 0
+
+The forward kernel stores (r, s) per row and pair, so the backward kernel is one pass that never
+recomputes the norms. Rows are reduced into one scalar in the same launch: every program writes its
+partial sum, and the program that takes the last ticket from a counter adds the partials in a fixed
+order (deterministic, no memset launch) and resets the counter for the next launch.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.runtime import interpreting, launchable
+
+EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
+# tl.sum is itself a jitted function, which the interpreter cannot call when Triton was imported
+# without TRITON_INTERPRET (see kernels/runtime.py); tl.reduce is a builtin, and the interpreter runs
+# it with numpy when given this combine function.
+_ADD = tl.standard._sum_combine
+
+
+@triton.jit
+def cosine_loss_fwd_kernel(
+    a0_ptr, b0_ptr, a1_ptr, b1_ptr,
+    stride_a0_row, stride_a0_col, stride_b0_row, stride_b0_col,
+    stride_a1_row, stride_a1_col, stride_b1_row, stride_b1_col,
+    stats_ptr, partial_ptr, counter_ptr, loss_ptr,
+    B, D, eps_ptr,
+    NUM_PAIRS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr, FP64: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    # eps is read from memory: a float argument would be rounded to float32 in the float64 kernel.
+    eps = tl.load(eps_ptr)
+    cos_sum = tl.full([BLOCK_B], 0, ACC)
+    for row_block in range(pid, (B + BLOCK_B - 1) // BLOCK_B, num_programs):
+        rows = row_block * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_mask = rows < B
+        rows64 = rows.to(tl.int64)[:, None]
+        dot0 = tl.full([BLOCK_B], 0, ACC)
+        aa0 = tl.full([BLOCK_B], 0, ACC)
+        bb0 = tl.full([BLOCK_B], 0, ACC)
+        dot1 = tl.full([BLOCK_B], 0, ACC)
+        aa1 = tl.full([BLOCK_B], 0, ACC)
+        bb1 = tl.full([BLOCK_B], 0, ACC)
+        for col_start in range(0, D, BLOCK_D):
+            cols = col_start + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (cols < D)[None, :]
+            cols64 = cols.to(tl.int64)[None, :]
+            a = tl.load(a0_ptr + rows64 * stride_a0_row + cols64 * stride_a0_col, mask=mask, other=0.0).to(ACC)
+            b = tl.load(b0_ptr + rows64 * stride_b0_row + cols64 * stride_b0_col, mask=mask, other=0.0).to(ACC)
+            dot0 += tl.reduce(a * b, 1, _ADD)
+            aa0 += tl.reduce(a * a, 1, _ADD)
+            bb0 += tl.reduce(b * b, 1, _ADD)
+            if NUM_PAIRS == 2:
+                a = tl.load(a1_ptr + rows64 * stride_a1_row + cols64 * stride_a1_col, mask=mask, other=0.0).to(ACC)
+                b = tl.load(b1_ptr + rows64 * stride_b1_row + cols64 * stride_b1_col, mask=mask, other=0.0).to(ACC)
+                dot1 += tl.reduce(a * b, 1, _ADD)
+                aa1 += tl.reduce(a * a, 1, _ADD)
+                bb1 += tl.reduce(b * b, 1, _ADD)
+        # sqrt_rn is IEEE sqrt but fp32 only; tl.sqrt on fp64 is exact already.
+        if FP64:
+            norm_a0 = tl.sqrt(aa0)
+            norm_b0 = tl.sqrt(bb0)
+        else:
+            norm_a0 = tl.sqrt_rn(aa0)
+            norm_b0 = tl.sqrt_rn(bb0)
+        clamped_a0 = tl.maximum(norm_a0, eps)
+        r0 = 1.0 / (clamped_a0 * tl.maximum(norm_b0, eps))
+        cos0 = dot0 * r0
+        s0 = tl.where(norm_a0 > 0, cos0 / (clamped_a0 * tl.where(norm_a0 > 0, norm_a0, 1.0)), 0.0)
+        stats = stats_ptr + rows.to(tl.int64) * (2 * NUM_PAIRS)
+        tl.store(stats, r0, mask=row_mask)
+        tl.store(stats + 1, s0, mask=row_mask)
+        cos_row = cos0
+        if NUM_PAIRS == 2:
+            if FP64:
+                norm_a1 = tl.sqrt(aa1)
+                norm_b1 = tl.sqrt(bb1)
+            else:
+                norm_a1 = tl.sqrt_rn(aa1)
+                norm_b1 = tl.sqrt_rn(bb1)
+            clamped_a1 = tl.maximum(norm_a1, eps)
+            r1 = 1.0 / (clamped_a1 * tl.maximum(norm_b1, eps))
+            cos1 = dot1 * r1
+            s1 = tl.where(norm_a1 > 0, cos1 / (clamped_a1 * tl.where(norm_a1 > 0, norm_a1, 1.0)), 0.0)
+            tl.store(stats + 2, r1, mask=row_mask)
+            tl.store(stats + 3, s1, mask=row_mask)
+            cos_row += cos1
+        cos_sum += tl.where(row_mask, cos_row, 0.0)
+
+    tl.store(partial_ptr + pid, tl.reduce(cos_sum, 0, _ADD))
+    # Every thread's store must be ordered before the (single-thread, release) ticket.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1)
+    if ticket == num_programs - 1:
+        total = tl.full([BLOCK_P], 0, ACC)
+        for start in range(0, num_programs, BLOCK_P):
+            offs = start + tl.arange(0, BLOCK_P)
+            # .cg reads from L2: the other programs' partials may be stale in this SM's L1.
+            total += tl.load(partial_ptr + offs, mask=offs < num_programs, other=0.0, cache_modifier=".cg")
+        tl.store(loss_ptr, NUM_PAIRS - tl.reduce(total, 0, _ADD) / B)
+        tl.atomic_xchg(counter_ptr, 0)
+
+
+@triton.jit
+def cosine_loss_bwd_kernel(
+    a0_ptr, b0_ptr, a1_ptr, b1_ptr,
+    stride_a0_row, stride_a0_col, stride_b0_row, stride_b0_col,
+    stride_a1_row, stride_a1_col, stride_b1_row, stride_b1_col,
+    grad_a0_ptr, grad_a1_ptr, stats_ptr, grad_loss_ptr,
+    B, D,
+    NUM_PAIRS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_mask = rows < B
+    mask = row_mask[:, None] & (cols < D)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    cols64 = cols.to(tl.int64)[None, :]
+    # d loss / d cos = -grad / B for every row of every pair.
+    scale = -tl.load(grad_loss_ptr).to(ACC) / B
+    stats = stats_ptr + rows.to(tl.int64) * (2 * NUM_PAIRS)
+    r0 = scale * tl.load(stats, mask=row_mask, other=0.0)
+    s0 = scale * tl.load(stats + 1, mask=row_mask, other=0.0)
+    a = tl.load(a0_ptr + rows64 * stride_a0_row + cols64 * stride_a0_col, mask=mask, other=0.0).to(ACC)
+    b = tl.load(b0_ptr + rows64 * stride_b0_row + cols64 * stride_b0_col, mask=mask, other=0.0).to(ACC)
+    tl.store(grad_a0_ptr + rows64 * D + cols64, r0[:, None] * b - s0[:, None] * a, mask=mask)
+    if NUM_PAIRS == 2:
+        r1 = scale * tl.load(stats + 2, mask=row_mask, other=0.0)
+        s1 = scale * tl.load(stats + 3, mask=row_mask, other=0.0)
+        a = tl.load(a1_ptr + rows64 * stride_a1_row + cols64 * stride_a1_col, mask=mask, other=0.0).to(ACC)
+        b = tl.load(b1_ptr + rows64 * stride_b1_row + cols64 * stride_b1_col, mask=mask, other=0.0).to(ACC)
+        tl.store(grad_a1_ptr + rows64 * D + cols64, r1[:, None] * b - s1[:, None] * a, mask=mask)
+
+
+# One counter per device, zeroed once; the last program of each launch sets it back to zero.
+_counters: dict[torch.device, torch.Tensor] = {}
+_eps: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
+_num_sms: dict[torch.device, int] = {}
+
+
+def _counter(device: torch.device) -> torch.Tensor:
+    counter = _counters.get(device)
+    if counter is None:
+        counter = _counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
+def _eps_tensor(device: torch.device, dtype: torch.dtype, eps: float) -> torch.Tensor:
+    key = (device, dtype, eps)
+    if key not in _eps:
+        _eps[key] = torch.full((), eps, dtype=dtype, device=device)
+    return _eps[key]
+
+
+def _max_programs(device: torch.device) -> int:
+    if device.type != "cuda" or interpreting():
+        return 16
+    if device not in _num_sms:
+        _num_sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * _num_sms[device]
+
+
+def _blocks(B: int, D: int, num_pairs: int) -> tuple[int, int, int]:
+    # A tile of about 4096 elements per pair keeps the live tiles of both pairs in registers.
+    block_d = min(triton.next_power_of_2(D), 2048)
+    block_b = max(1, min(triton.next_power_of_2(B), 4096 // num_pairs // block_d))
+    num_warps = 8 if block_b * block_d * num_pairs >= 8192 else 4
+    return block_b, block_d, num_warps
+
+
+def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def cosine_loss_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]], eps: float = EPS):
+    """Launches the forward kernel over 1 or 2 pairs of (B, D) tensors (any strides, dtypes).
+
+    Returns (loss, stats): loss a 0-dim float32 tensor (float64 if any input is float64), stats a
+    (B, 2 * len(pairs)) tensor of the same dtype for `cosine_loss_backward`.
+    """
+    num_pairs = len(pairs)
+    a0, b0 = pairs[0]
+    a1, b1 = pairs[-1]
+    B, D = a0.shape
+    device = a0.device
+    acc = _acc_dtype(*(t for pair in pairs for t in pair))
+    block_b, block_d, num_warps = _blocks(B, D, num_pairs)
+    grid = min(triton.cdiv(B, block_b), _max_programs(device))
+    stats = torch.empty((B, 2 * num_pairs), dtype=acc, device=device)
+    partial = torch.empty(grid, dtype=acc, device=device)
+    loss = torch.empty((), dtype=acc, device=device)
+    launchable(cosine_loss_fwd_kernel)[(grid,)](
+        a0, b0, a1, b1, *a0.stride(), *b0.stride(), *a1.stride(), *b1.stride(),
+        stats, partial, _counter(device), loss, B, D, _eps_tensor(device, acc, eps),
+        NUM_PAIRS=num_pairs, BLOCK_B=block_b, BLOCK_D=block_d,
+        BLOCK_P=min(triton.next_power_of_2(grid), 1024),
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, FP64=acc == torch.float64,
+        num_warps=num_warps,
+    )
+    return loss, stats
+
+
+def cosine_loss_backward(pairs: list[tuple[torch.Tensor, torch.Tensor]], stats: torch.Tensor,
+                         grad_loss: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of the loss w.r.t. each pair's `a`: contiguous (B, D) tensors in a's dtype.
+
+    `grad_loss` is the 0-dim upstream gradient, read on the device (no host sync).
+    """
+    num_pairs = len(pairs)
+    a0, b0 = pairs[0]
+    a1, b1 = pairs[-1]
+    B, D = a0.shape
+    grads = [torch.empty((B, D), dtype=a.dtype, device=a.device) for a, _ in pairs]
+    block_b, block_d, num_warps = _blocks(B, D, num_pairs)
+    grid = (triton.cdiv(B, block_b), triton.cdiv(D, block_d))
+    launchable(cosine_loss_bwd_kernel)[grid](
+        a0, b0, a1, b1, *a0.stride(), *b0.stride(), *a1.stride(), *b1.stride(),
+        grads[0], grads[-1], stats, grad_loss, B, D,
+        NUM_PAIRS=num_pairs, BLOCK_B=block_b, BLOCK_D=block_d,
+        ACC=tl.float64 if stats.dtype == torch.float64 else tl.float32,
+        num_warps=num_warps,
+    )
+    return grads
