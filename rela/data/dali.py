@@ -1,0 +1,517 @@
+"""NVIDIA DALI loaders behind the torch loader's interface (`--loader dali`).
+
+`DaliTrainLoader` offers what `TorchTrainLoader` offers (`steps_per_epoch`, `set_view_mode`, `epoch`,
+`state_dict`) and `DaliImageSource` what `ImageSource` offers (`iterate`, `load`, `skipped`). On a GPU,
+JPEGs are decoded by nvJPEG (`mixed`, the hardware decoder where present) and both views are made there;
+on the CPU the same graphs run on CPU operators (`device_id=None`). The graphs are in dali_pipelines.py.
+
+How the host drives DALI, and why:
+
+- Steps are fed, not read. The host feeds each step's images through an external source in exactly the
+  order `BudgetSampler.batches` gives, so an epoch is this rank's share of the budget's subset, each
+  index once, and the last (short) batch is fed as it is. There is no reader with its own notion of an
+  epoch, shard or last-batch policy, which is where DALI loaders in other SSL trainers silently skip or
+  repeat samples.
+- Every random choice of a step (crop window, flip, jitter, grayscale, blur, solarize) is drawn on the
+  host from a generator seeded with (seed, epoch, step) and fed with the images; the graphs hold no
+  random operators. A step's views are thus a function of the step: resuming at `start_step` gives the
+  views an uninterrupted run would have had, and feeding a step again gives the same views.
+- The view switch is exact. A step's views are fixed when it is fed, and up to `prefetch` steps are fed
+  ahead of the one being trained on. Each fed step remembers the view pair it was fed with; when
+  `set_view_mode` has changed the pair since, the loader discards the steps in flight and feeds them
+  again with the new views before yielding any of them. So every batch yielded after the call has the
+  new views, at the cost of recomputing at most `prefetch` batches once per switch.
+- Bad files get the torch loader's handling. The host reads each file and its header (PIL, no decode):
+  the header gives the size the crop window is drawn on, and a file without a readable header, or in a
+  format DALI does not decode (GIF), is corrupt. A file that passes but fails in DALI's decoder fails
+  its step; the host then finds the file (PIL decode, else DALI one file at a time), rebuilds the
+  pipeline (DALI drops a pipeline after an error) and feeds the step again without it. Either way a
+  CorruptImageError names the file, or with skip_corrupt the sample is dropped and its index added to
+  `skipped`. PNG, BMP, TIFF, WebP and PNM files decode (on the CPU, also under `mixed`).
+"""
+from __future__ import annotations
+
+import io
+import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from rela.data.budget import BudgetSampler
+from rela.data.datasets import ArrayImages, CorruptImageError, FileImages, decode_image
+from rela.data.loader import TrainBatch
+from rela.data.views import Normalize, ViewSpec, blur_kernel_size, view_pair
+
+# What PIL calls the formats DALI's decoder reads (MPO: camera JPEGs with a second picture appended).
+DALI_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"}
+
+
+def dali_available() -> bool:
+    """True when NVIDIA DALI imports (it also runs without a GPU, on CPU operators)."""
+    try:
+        import nvidia.dali.fn  # noqa: F401
+    except (ImportError, OSError, RuntimeError):  # not installed, or its CUDA libraries do not load
+        return False
+    return True
+
+
+# ---- Host side: what a step feeds ------------------------------------------------------------------
+
+@dataclass
+class _HostBatch:
+    index: np.ndarray  # (n,) int64 dataset indices
+    position: np.ndarray  # (n,) where each sample sits in the batch it was asked for
+    data: list[np.ndarray] | np.ndarray  # encoded files, or uint8 (n, H, W, 3)
+    sizes: np.ndarray  # (n, 2) height, width of the decoded images
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def keep(self, mask: np.ndarray) -> "_HostBatch":
+        data = [d for d, k in zip(self.data, mask) if k] if isinstance(self.data, list) else self.data[mask]
+        return _HostBatch(self.index[mask], self.position[mask], data, self.sizes[mask])
+
+
+class _HostReader:
+    """Reads index batches for the pipelines: file bytes and header sizes (files, on a thread pool:
+    file reads release the GIL) or array slices. Applies the corrupt-file policy."""
+
+    def __init__(self, dataset: ArrayImages | FileImages, *, skip_corrupt: bool, num_threads: int):
+        self.dataset, self.skip_corrupt = dataset, skip_corrupt
+        self.files = isinstance(dataset, FileImages)
+        self.skipped: set[int] = set()
+        self._pool = ThreadPoolExecutor(max(1, min(4, num_threads)), thread_name_prefix="rela-dali-read") \
+            if self.files else None
+
+    def submit(self, indices: np.ndarray) -> Future:
+        if self._pool is None:
+            return _done(self.read(indices))
+        return self._pool.submit(self.read, indices)
+
+    def read(self, indices: np.ndarray) -> _HostBatch:
+        index = np.asarray(indices, dtype=np.int64).reshape(-1)
+        position = np.arange(len(index))
+        if not self.files:
+            images = self.dataset.images[index]
+            sizes = np.broadcast_to(np.array(images.shape[1:3]), (len(index), 2))
+            return _HostBatch(index, position, images, sizes)
+        data, sizes, ok = [], np.zeros((len(index), 2), dtype=np.int64), np.ones(len(index), dtype=bool)
+        for k, i in enumerate(index.tolist()):
+            try:
+                encoded, sizes[k] = self._read_file(i)
+                data.append(encoded)
+            except CorruptImageError:
+                if not self.skip_corrupt:
+                    raise
+                self.skipped.add(i)
+                data.append(None)
+                ok[k] = False
+        return _HostBatch(index, position, data, sizes).keep(ok)
+
+    def _read_file(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
+        from PIL import Image
+
+        path = self.dataset.path(i)
+        try:
+            encoded = np.fromfile(path, dtype=np.uint8)
+            with Image.open(io.BytesIO(encoded.tobytes())) as image:  # reads the header only
+                fmt, (width, height) = image.format, image.size
+        except (OSError, ValueError, SyntaxError) as err:  # as datasets.decode_image
+            raise CorruptImageError(path, str(err) or type(err).__name__) from None
+        if fmt not in DALI_FORMATS:
+            raise CorruptImageError(path, f"DALI does not decode {fmt} images (--loader torch does)")
+        return encoded, (height, width)
+
+    def drop_undecodable(self, batch: _HostBatch, error: Exception) -> _HostBatch:
+        """`batch` failed in DALI's decoder: finds the files at fault, raises for the first or (skipping)
+        returns the batch without them. Re-raises `error` if every file decodes on its own."""
+        bad = np.zeros(len(batch), dtype=bool)
+        for k, i in enumerate(batch.index.tolist()):
+            try:
+                decode_image(self.dataset.path(i))
+            except CorruptImageError:
+                bad[k] = True
+        if not bad.any():  # PIL reads them all: ask DALI itself, one file at a time
+            bad = ~_dali_decodes(batch.data)
+        if not bad.any():
+            raise error
+        first = int(batch.index[bad.argmax()])
+        if not self.skip_corrupt:
+            raise CorruptImageError(self.dataset.path(first), f"DALI's decoder failed on it ({_first_line(error)})")
+        self.skipped.update(batch.index[bad].tolist())
+        return batch.keep(~bad)
+
+
+def _dali_decodes(encoded: list[np.ndarray]) -> np.ndarray:
+    from rela.data.dali_pipelines import ENCODED, decode_pipeline
+
+    ok = np.ones(len(encoded), dtype=bool)
+    pipe = decode_pipeline(num_threads=1)
+    for k, data in enumerate(encoded):
+        pipe.feed_input(ENCODED, [data])
+        pipe.schedule_run()
+        try:
+            pipe.outputs()
+        except RuntimeError:
+            ok[k] = False
+            pipe = decode_pipeline(num_threads=1)
+    return ok
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if "failure" in line or "Failed" in line or "rror" in line]
+    return (useful or lines or [type(error).__name__])[-1]
+
+
+def _done(value) -> Future:
+    future = Future()
+    future.set_result(value)
+    return future
+
+
+# ---- Parameters drawn on the host ------------------------------------------------------------------
+
+def draw_view_params(spec: ViewSpec, sizes: np.ndarray, out_size: int, rng: np.random.Generator
+                     ) -> dict[str, np.ndarray]:
+    """Every random choice of one view for a batch, as dali_pipelines.VIEW_INPUTS.
+
+    sizes: (n, 2) height, width of the images. The crop window follows views.random_crop_boxes
+    (RandomResizedCrop: 10 tries, then the whole image). Everything is drawn whatever the spec's
+    probabilities, so the draws of a step do not depend on the view mode.
+    """
+    n, tries = len(sizes), 10
+    height, width = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
+    area = (height * width)[:, None]
+    scale = rng.uniform(*spec.crop_scale, (n, tries)) * area
+    ratio = np.exp(rng.uniform(math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1]), (n, tries)))
+    w, h = np.round(np.sqrt(scale * ratio)), np.round(np.sqrt(scale / ratio))
+    ok = (w >= 1) & (h >= 1) & (w <= width[:, None]) & (h <= height[:, None])
+    first, found = ok.argmax(1), ok.any(1)
+    w = np.where(found, w[np.arange(n), first], width)
+    h = np.where(found, h[np.arange(n), first], height)
+    x0 = np.floor(rng.random(n) * (width - w + 1))
+    y0 = np.floor(rng.random(n) * (height - h + 1))
+
+    def coin(p: float) -> np.ndarray:
+        return rng.random(n) < p
+
+    def factor(strength: float, where: np.ndarray, neutral: float = 1.0) -> np.ndarray:
+        return np.where(where, rng.uniform(neutral - strength, neutral + strength, n), neutral)
+
+    flip = coin(spec.flip_p)
+    jitter = coin(spec.jitter_p)
+    brightness, contrast = factor(spec.brightness, jitter), factor(spec.contrast, jitter)
+    saturation = factor(spec.saturation, jitter)
+    hue_turns = factor(spec.hue, jitter, neutral=0.0)
+    grayscale, blur, solarize = coin(spec.grayscale_p), coin(spec.blur_p), coin(spec.solarize_p)
+    sigma = rng.uniform(*spec.blur_sigma, n)
+    f32 = np.float32
+    return {
+        "crop_start": np.stack([y0, x0], 1).astype(f32),
+        "crop_end": np.stack([y0 + h, x0 + w], 1).astype(f32),
+        "flip": flip.astype(np.int32),
+        "brightness": brightness.astype(f32),
+        "contrast": contrast.astype(f32),
+        "saturation": np.where(grayscale, 0.0, saturation).astype(f32),
+        # fn.hsv turns the other way round from views._rotate_hue
+        "hue": (-360.0 * hue_turns).astype(f32),
+        "blur_window": np.where(blur, blur_kernel_size(out_size), 1).astype(np.int32),
+        "blur_sigma": sigma.astype(f32),
+        "solarize": solarize.astype(f32),
+    }
+
+
+def eval_params(sizes: np.ndarray, mode: str, size: int, crop_fraction: float, in_memory: bool
+                ) -> dict[str, np.ndarray]:
+    """The eval graph's inputs (dali_pipelines.EVAL_INPUTS) for ImageSource's two modes.
+
+    'eval': shorter side to round(size / crop_fraction), then the central size x size, with the torch
+    loader's rounding; as one resize of the region the crop keeps. 'train': the whole image, squashed to
+    size x size (files) or as stored (arrays).
+    """
+    height, width = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
+    n = len(sizes)
+    if mode == "train":
+        out = sizes.astype(np.float64) if in_memory else np.full((n, 2), float(size))
+        return {"roi_start": np.zeros((n, 2), np.float32), "roi_end": sizes.astype(np.float32),
+                "out_size": out.astype(np.float32)}
+    if mode != "eval":
+        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+    short = round(size / crop_fraction)
+    # Python's round (half to even) on each image, as loader._pil_square and views.resize_center_crop.
+    long_h = np.array([max(short, round(h * short / w)) for h, w in zip(height, width)], dtype=np.float64)
+    long_w = np.array([max(short, round(w * short / h)) for h, w in zip(height, width)], dtype=np.float64)
+    new_h = np.where(height <= width, short, long_h)
+    new_w = np.where(height <= width, long_w, short)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    start = np.stack([top * height / new_h, left * width / new_w], 1)
+    end = np.stack([(top + size) * height / new_h, (left + size) * width / new_w], 1)
+    return {"roi_start": start.astype(np.float32), "roi_end": end.astype(np.float32),
+            "out_size": np.full((n, 2), size, dtype=np.float32)}
+
+
+# ---- Driving a pipeline step by step ---------------------------------------------------------------
+
+@dataclass
+class _Step:
+    position: int  # in the list of batches being iterated
+    key: object  # what the step was fed with that may change (the view pair)
+    host: _HostBatch
+
+
+class _StepFailed(Exception):
+    def __init__(self, step: _Step, error: Exception):
+        super().__init__(str(error))
+        self.step, self.error = step, error
+
+
+class _FedPipeline:
+    """One DALI pipeline, fed by the host one step at a time. Steps come out in the order they were fed;
+    `in_flight` holds the steps fed and not yet taken."""
+
+    def __init__(self, build: Callable[[int], object], device: torch.device):
+        self._build, self.device = build, device
+        self.batch_size = 0
+        self.pipe = None
+        self.in_flight: deque[_Step] = deque()
+        self.generation = 0
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def begin(self, batch_size: int) -> int:
+        """Starts a new iteration: drops what an abandoned one left in flight; returns its token."""
+        self.drain()
+        if self.pipe is None or batch_size > self.batch_size:
+            self.batch_size = max(batch_size, self.batch_size)
+            self.restart()
+        self.generation += 1
+        return self.generation
+
+    def restart(self) -> list[_Step]:
+        """A fresh pipeline (DALI gives up a pipeline after an error); returns the steps dropped."""
+        dropped = list(self.in_flight)
+        self.in_flight.clear()
+        self.pipe = None  # let DALI release the old one before the new one allocates
+        self.pipe = self._build(self.batch_size)
+        return dropped
+
+    def feed(self, inputs: dict[str, object], step: _Step) -> None:
+        for name, value in inputs.items():
+            self.pipe.feed_input(name, value)
+        self.pipe.schedule_run()
+        self.in_flight.append(step)
+
+    def take(self) -> tuple[_Step, list[torch.Tensor]]:
+        step = self.in_flight.popleft()
+        try:
+            outputs = self.pipe.share_outputs()
+        except RuntimeError as err:
+            self.in_flight.appendleft(step)
+            raise _StepFailed(step, err) from None
+        try:
+            return step, [self._to_torch(out) for out in outputs]
+        finally:
+            self.pipe.release_outputs()
+
+    def drain(self) -> list[_Step]:
+        """Takes and discards every step in flight; returns them."""
+        steps = list(self.in_flight)
+        try:
+            while self.in_flight:
+                self.take()
+        except _StepFailed:
+            self.restart()
+        return steps
+
+    def _to_torch(self, tensor_list) -> torch.Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+        tensor = tensor_list.as_tensor()
+        shape, dtype = tensor.shape(), to_torch_type[tensor.dtype]
+        if self._copy_stream is None:
+            return feed_ndarray(tensor, torch.empty(shape, dtype=dtype))
+        consumer = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            out = torch.empty(shape, dtype=dtype, device=self.device)
+            feed_ndarray(tensor, out, cuda_stream=self._copy_stream)
+        out.record_stream(consumer)
+        # DALI reuses the buffer once released, so the copy must be done first. The copy stream is
+        # private: this waits for the copy only, not for the training step queued on `consumer`.
+        self._copy_stream.synchronize()
+        return out
+
+
+def _run_steps(fed: _FedPipeline, reader: _HostReader, batches: list[np.ndarray],
+               inputs_for: Callable[[_HostBatch, int], dict], key: Callable[[], object], prefetch: int
+               ) -> Iterator[tuple[_Step, list[torch.Tensor]]]:
+    """Feeds `batches` in order, keeping up to `prefetch` steps in flight; yields each step with its
+    outputs. Steps fed under another `key()` than the current one are fed again before any is yielded.
+    Steps whose samples were all skipped as corrupt yield nothing."""
+    token = fed.begin(max((len(b) for b in batches), default=1))
+    reads: dict[int, Future] = {}
+    next_feed = taken = 0
+    while taken < len(batches):
+        if fed.generation != token:
+            raise RuntimeError("this iterator was superseded by a newer one on the same DALI loader")
+        if any(step.key != key() for step in fed.in_flight):
+            for step in fed.drain():  # fed before the switch: feed them again with what is current now
+                reads[step.position] = _done(step.host)
+            next_feed = taken
+        for ahead in range(next_feed, min(next_feed + prefetch + 2, len(batches))):
+            if ahead not in reads:
+                reads[ahead] = reader.submit(batches[ahead])
+        while len(fed.in_flight) < prefetch and next_feed < len(batches):
+            host = (reads.pop(next_feed, None) or reader.submit(batches[next_feed])).result()
+            if len(host):
+                fed.feed(inputs_for(host, next_feed), _Step(next_feed, key(), host))
+            next_feed += 1
+        if not fed.in_flight:  # every remaining batch was skipped
+            return
+        try:
+            step, outputs = fed.take()
+        except _StepFailed as failed:
+            for step in fed.restart():
+                reads[step.position] = _done(step.host)
+            reads[failed.step.position] = _done(reader.drop_undecodable(failed.step.host, failed.error))
+            next_feed = failed.step.position
+            continue
+        taken = step.position + 1
+        yield step, outputs
+
+
+# ---- The loaders -----------------------------------------------------------------------------------
+
+class DaliTrainLoader:
+    """Budgeted two-view training batches made by DALI; `TorchTrainLoader`'s interface.
+
+    `set_view_mode('rela'|'byol')` applies to every batch yielded after the call (see the module
+    docstring). `decode_size` is accepted for the torch loader's signature and not used: DALI crops the
+    full-resolution image, as BYOL's RandomResizedCrop does, where the torch loader first squashes files
+    to a decode_size square to batch them.
+    """
+
+    def __init__(self, dataset: ArrayImages | FileImages, sampler: BudgetSampler, *, image_size: int,
+                 normalize: Normalize, seed: int, device: torch.device | str, view_mode: str = "byol",
+                 crop_min_scale: dict[str, float | None] | None = None, num_threads: int = 4,
+                 skip_corrupt: bool = False, decode_size: int | None = None, prefetch: int = 2):
+        from rela.data.dali_pipelines import ARRAYS, ENCODED, train_pipeline
+
+        self.dataset, self.sampler = dataset, sampler
+        self.image_size, self.normalize, self.seed = image_size, normalize, seed
+        self.device = torch.device(device)
+        self.crop_min_scale = crop_min_scale or {}
+        self.prefetch = max(1, prefetch)
+        self.reader = _HostReader(dataset, skip_corrupt=skip_corrupt, num_threads=num_threads)
+        self.labels = torch.as_tensor(dataset.labels, dtype=torch.int64).to(self.device)
+        half = normalize.dtype in (torch.float16, torch.bfloat16)  # DALI has no bf16: cast after
+        self._out_dtype = normalize.dtype
+        self._channels_last = normalize.channels_last
+        source = self._data_name = ENCODED if self.reader.files else ARRAYS
+        mean, std = normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()
+        self._fed = _FedPipeline(
+            lambda batch_size: train_pipeline(
+                source, batch_size=batch_size, num_threads=num_threads, device_id=_device_id(self.device),
+                size=image_size, mean=mean, std=std, half=half, channels_last=normalize.channels_last),
+            self.device)
+        self.set_view_mode(view_mode)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    @property
+    def skipped(self) -> set[int]:
+        return self.reader.skipped
+
+    def set_view_mode(self, mode: str) -> None:
+        self.view_mode = mode
+        self.views = view_pair(mode, self.crop_min_scale.get(mode))
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TrainBatch]:
+        batches = self.sampler.batches(epoch, start_step)
+
+        def inputs_for(host: _HostBatch, position: int) -> dict:
+            # The step's own generator: its views depend on (seed, epoch, step) only.
+            rng = np.random.default_rng([self.seed % 2 ** 63, epoch, start_step + position])
+            inputs = {self._data_name: host.data}
+            for v, spec in enumerate(self.views, start=1):
+                for name, value in draw_view_params(spec, host.sizes, self.image_size, rng).items():
+                    inputs[f"view{v}_{name}"] = value
+            return inputs
+
+        for step, (view1, view2) in _run_steps(self._fed, self.reader, batches, inputs_for,
+                                               lambda: self.views, self.prefetch):
+            index = torch.from_numpy(step.host.index).to(self.device, non_blocking=True)
+            yield TrainBatch(self._finish(view1), self._finish(view2), index, self.labels.index_select(0, index))
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        if self._channels_last:  # DALI wrote (B, H, W, C): the same memory as NCHW channels_last
+            x = x.permute(0, 3, 1, 2)
+        return x.to(self._out_dtype)
+
+    def state_dict(self) -> dict:
+        # The views of a step are drawn from (seed, epoch, step): the mode is the only state.
+        return {"view_mode": self.view_mode}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_view_mode(state["view_mode"])
+
+
+class DaliImageSource:
+    """Yields (uint8 images (B, 3, S, S) on the device, indices (B,) int64 CPU) for given index batches,
+    as ImageSource: mode 'eval' is resize + center crop (deterministic; the prior's and the probe's
+    input), mode 'train' the whole image squashed to S (files) or as stored (arrays). Batches come out
+    in the order given, each index once; corrupt files raise, or are dropped and added to `skipped`."""
+
+    def __init__(self, dataset: ArrayImages | FileImages, device: torch.device | str, *, num_threads: int = 4,
+                 skip_corrupt: bool = False, prefetch: int = 2):
+        from rela.data.dali_pipelines import ARRAYS, ENCODED, eval_pipeline
+
+        self.dataset, self.device = dataset, torch.device(device)
+        self.prefetch = max(1, prefetch)
+        self.reader = _HostReader(dataset, skip_corrupt=skip_corrupt, num_threads=num_threads)
+        self._data_name = ENCODED if self.reader.files else ARRAYS
+        self._fed = _FedPipeline(
+            lambda batch_size: eval_pipeline(self._data_name, batch_size=batch_size, num_threads=num_threads,
+                                             device_id=_device_id(self.device)),
+            self.device)
+
+    @property
+    def skipped(self) -> set[int]:
+        return self.reader.skipped
+
+    def iterate(self, batches: list[np.ndarray], *, mode: str = "eval", size: int, crop_fraction: float = 0.875
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for step, images in self._steps(batches, mode, size, crop_fraction):
+            yield images, torch.from_numpy(step.host.index)
+
+    def load(self, indices, *, size: int, crop_fraction: float) -> torch.Tensor:
+        """Eval-preprocessed uint8 images for arbitrary indices. A corrupt file raises, or gives a black
+        image when skipping (its row is never trained on)."""
+        batch = np.asarray(torch.as_tensor(indices).cpu(), dtype=np.int64).reshape(-1)
+        out = torch.zeros((len(batch), 3, size, size), dtype=torch.uint8, device=self.device)
+        for step, images in self._steps([batch], "eval", size, crop_fraction):
+            out[torch.from_numpy(step.host.position).to(self.device)] = images
+        return out
+
+    def _steps(self, batches, mode: str, size: int, crop_fraction: float):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        in_memory = not self.reader.files
+
+        def inputs_for(host: _HostBatch, position: int) -> dict:
+            return {self._data_name: host.data, **eval_params(host.sizes, mode, size, crop_fraction, in_memory)}
+
+        for step, (images,) in _run_steps(self._fed, self.reader, list(batches), inputs_for, lambda: None,
+                                          self.prefetch):
+            yield step, images
+
+
+def _device_id(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()

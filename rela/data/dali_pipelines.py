@@ -1,0 +1,129 @@
+"""The DALI graphs: two augmented views for training, resize + center crop for evaluation.
+
+Each graph is a pure function of what the host feeds it per step: the images (encoded file bytes, or
+uint8 HWC arrays) and, per sample, every random choice of the step (crop window, flip, jitter factors,
+grayscale, blur, solarize), drawn on the host in rela/data/dali.py. The graphs hold no random
+operators, so a step's views are fixed when the step is fed, and feeding it again gives the same views.
+
+`on_gpu` only moves operators: JPEG decode becomes `mixed` (nvJPEG, the hardware decoder where present)
+and the augmentations run on the GPU; with `on_gpu=False` the same graph runs on CPU operators with
+`device_id=None` (the CPU twin, what the tests exercise).
+"""
+from __future__ import annotations
+
+import nvidia.dali.fn as fn
+import nvidia.dali.math as dmath
+import nvidia.dali.types as types
+from nvidia.dali.pipeline import Pipeline
+
+ENCODED = "encoded"  # files: one uint8 1-D array of file bytes per sample
+ARRAYS = "images"  # in-memory datasets: one uint8 (H, W, 3) array per sample
+
+# Per-sample inputs of each training view, fed as "view1_<name>" and "view2_<name>".
+VIEW_INPUTS = {
+    "crop_start": (types.FLOAT, 1),  # (y0, x0) of the crop window, pixels of the decoded image
+    "crop_end": (types.FLOAT, 1),  # (y1, x1)
+    "flip": (types.INT32, 0),  # 1: mirror horizontally
+    "brightness": (types.FLOAT, 0),  # multiplier (1: unchanged)
+    "contrast": (types.FLOAT, 0),  # blend factor with the image's mean grey (1: unchanged)
+    "saturation": (types.FLOAT, 0),  # blend factor with the pixel's grey (1: unchanged, 0: grayscale)
+    "hue": (types.FLOAT, 0),  # rotation of the chroma plane, degrees (fn.hsv's convention)
+    "blur_window": (types.INT32, 0),  # Gaussian window, odd; 1 leaves the sample unchanged
+    "blur_sigma": (types.FLOAT, 0),
+    "solarize": (types.FLOAT, 0),  # 1: invert pixels >= 0.5
+}
+# Per-sample inputs of the evaluation graph.
+EVAL_INPUTS = {
+    "roi_start": (types.FLOAT, 1),  # (y0, x0): the region of the image that becomes the output
+    "roi_end": (types.FLOAT, 1),
+    "out_size": (types.FLOAT, 1),  # (height, width) of the output
+}
+# ITU-R 601 luma, the grey of views.py's reference and of fn.hsv.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _images(source: str, on_gpu: bool):
+    if source == ENCODED:
+        encoded = fn.external_source(name=ENCODED, dtype=types.UINT8, ndim=1)
+        # No EXIF rotation: the torch loader (PIL) ignores it too, and crop windows are drawn on the
+        # header's (unrotated) width and height.
+        return fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
+                                 adjust_orientation=False)
+    if source == ARRAYS:
+        images = fn.external_source(name=ARRAYS, dtype=types.UINT8, ndim=3, layout="HWC")
+        return images.gpu() if on_gpu else images
+    raise ValueError(f"unknown image source {source!r}")
+
+
+def _inputs(spec: dict, prefix: str = "") -> dict:
+    return {name: fn.external_source(name=prefix + name, dtype=dtype, ndim=ndim)
+            for name, (dtype, ndim) in spec.items()}
+
+
+def _view(images, prefix: str, *, on_gpu: bool, size: int, mean, std, dtype, layout: str):
+    """One view, in views.augment_batch's order: crop + resize, brightness, contrast, saturation + hue
+    (+ grayscale), blur, solarize; then normalise, mirror, cast and lay out in one pass."""
+    p = _inputs(VIEW_INPUTS, prefix)
+
+    def on_device(node):  # arithmetic needs its per-sample scalars where the images are
+        return node.gpu() if on_gpu else node
+
+    x = fn.resize(images, roi_start=p["crop_start"], roi_end=p["crop_end"], size=(size, size),
+                  interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)  # 0..255
+    x = dmath.clamp(x * on_device(p["brightness"] * (1 / 255)), 0.0, 1.0)
+    channel_mean = fn.reductions.mean(x, axes=(0, 1))
+    grey_mean = _LUMA[0] * channel_mean[0] + _LUMA[1] * channel_mean[1] + _LUMA[2] * channel_mean[2]
+    contrast = on_device(p["contrast"])
+    x = dmath.clamp(contrast * x + (1 - contrast) * grey_mean, 0.0, 1.0)
+    # fn.hsv scales and rotates the chroma plane of YIQ, exactly views.py's saturation blend with the
+    # pixel's luma and its hue rotation; grayscale is saturation 0 in the same pass.
+    x = dmath.clamp(fn.hsv(x, saturation=p["saturation"], hue=p["hue"], dtype=types.FLOAT), 0.0, 1.0)
+    x = fn.gaussian_blur(x, window_size=p["blur_window"], sigma=p["blur_sigma"])
+    solarize = on_device(p["solarize"])
+    x = x + solarize * (x >= 0.5) * (1 - 2 * x)
+    # Flipping last is equivalent (every op after the crop is mirror-symmetric) and free in this pass.
+    return fn.crop_mirror_normalize(x, mirror=p["flip"], mean=list(mean), std=list(std), dtype=dtype,
+                                    output_layout=layout)
+
+
+def train_pipeline(source: str, *, batch_size: int, num_threads: int, device_id: int | None, size: int,
+                   mean, std, half: bool, channels_last: bool) -> Pipeline:
+    """Outputs (view1, view2): (B, 3, size, size) float ('CHW') or (B, size, size, 3) ('HWC', for
+    channels_last), float16 if `half` else float32, normalised with mean/std (fractions of 1)."""
+    on_gpu = device_id is not None
+    # prefetch_queue_depth=1: the host decides how many steps are in flight (rela/data/dali.py); a deeper
+    # queue makes DALI's first schedule_run run ahead on inputs that are not fed yet.
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                    prefetch_queue_depth=1)
+    with pipe:
+        images = _images(source, on_gpu)
+        common = dict(on_gpu=on_gpu, size=size, mean=mean, std=std,
+                      dtype=types.FLOAT16 if half else types.FLOAT, layout="HWC" if channels_last else "CHW")
+        pipe.set_outputs(_view(images, "view1_", **common), _view(images, "view2_", **common))
+    pipe.build()
+    return pipe
+
+
+def eval_pipeline(source: str, *, batch_size: int, num_threads: int, device_id: int | None) -> Pipeline:
+    """Output: uint8 (B, 3, H, W): each sample's region `roi_start..roi_end` resized (bilinear,
+    antialiased) to its `out_size`. Resize + center crop is one resize of the region the crop keeps."""
+    on_gpu = device_id is not None
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                    prefetch_queue_depth=1)
+    with pipe:
+        images = _images(source, on_gpu)
+        p = _inputs(EVAL_INPUTS)
+        x = fn.resize(images, roi_start=p["roi_start"], roi_end=p["roi_end"], size=p["out_size"],
+                      interp_type=types.INTERP_LINEAR, antialias=True)
+        pipe.set_outputs(fn.transpose(x, perm=(2, 0, 1)))
+    pipe.build()
+    return pipe
+
+
+def decode_pipeline(num_threads: int) -> Pipeline:
+    """CPU decode of one file at a time: finds which file of a failed batch DALI cannot decode."""
+    pipe = Pipeline(batch_size=1, num_threads=num_threads, device_id=None, prefetch_queue_depth=1)
+    with pipe:
+        pipe.set_outputs(_images(ENCODED, on_gpu=False))
+    pipe.build()
+    return pipe
