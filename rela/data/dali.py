@@ -97,7 +97,7 @@ class _HostReader:
         position = np.arange(len(index))
         if not self.files:
             images = self.dataset.images[index]
-            sizes = np.broadcast_to(np.array(images.shape[1:3]), (len(index), 2))
+            sizes = np.tile(np.array(images.shape[1:3], dtype=np.int64), (len(index), 1))
             return _HostBatch(index, position, images, sizes)
         data, sizes, ok = [], np.zeros((len(index), 2), dtype=np.int64), np.ones(len(index), dtype=bool)
         for k, i in enumerate(index.tolist()):
@@ -301,7 +301,7 @@ class _FedPipeline:
 
     def feed(self, inputs: dict[str, object], step: _Step) -> None:
         for name, value in inputs.items():
-            self.pipe.feed_input(name, value)
+            self.pipe.feed_input(name, np.ascontiguousarray(value) if isinstance(value, np.ndarray) else value)
         self.pipe.schedule_run()
         self.in_flight.append(step)
 
