@@ -218,12 +218,16 @@ def draw_view_params(spec: ViewSpec, sizes: np.ndarray, out_size: int, rng: np.r
         "brightness": brightness.astype(f32),
         "contrast": contrast.astype(f32),
         "saturation": np.where(grayscale, 0.0, saturation).astype(f32),
-        # fn.hsv turns the other way round from views._rotate_hue
-        "hue": (-360.0 * hue_turns).astype(f32),
+        "hue": hue_degrees(hue_turns).astype(f32),
         "blur_window": np.where(blur, blur_kernel_size(out_size), 1).astype(np.int32),
         "blur_sigma": sigma.astype(f32),
         "solarize": solarize.astype(f32),
     }
+
+
+def hue_degrees(turns: np.ndarray) -> np.ndarray:
+    """views._rotate_hue's turns as fn.hsv's hue argument (degrees, the other way round)."""
+    return -360.0 * turns
 
 
 def eval_params(sizes: np.ndarray, mode: str, size: int, crop_fraction: float, in_memory: bool

@@ -17,7 +17,8 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from rela.data.budget import BudgetSampler  # noqa: E402
-from rela.data.dali import DaliImageSource, DaliTrainLoader, dali_available, draw_view_params  # noqa: E402
+from rela.data.dali import (DaliImageSource, DaliTrainLoader, dali_available, draw_view_params,  # noqa: E402
+                            hue_degrees)
 from rela.data.dali_pipelines import ARRAYS, VIEW_INPUTS, train_pipeline  # noqa: E402
 from rela.data.datasets import ArrayImages, CorruptImageError, FileImages, decode_image  # noqa: E402
 from rela.data.loader import ImageSource, TorchTrainLoader, _pil_square  # noqa: E402
@@ -251,7 +252,7 @@ def test_graph_matches_torch_reference_for_fixed_params():
         "brightness": np.array([1.0, 1.3, 0.7, 1.0, 1.1, 0.9], np.float32),
         "contrast": np.array([1.0, 0.8, 1.2, 1.0, 0.9, 1.1], np.float32),
         "saturation": np.array([1.0, 0.9, 0.9, 0.0, 0.8, 1.1], np.float32),
-        "hue": np.array([0.0, 20.0, -30.0, 0.0, 10.0, 0.0], np.float32),
+        "hue": hue_degrees(np.array([0.0, 0.05, -0.08, 0.0, 0.03, 0.0])).astype(np.float32),
         "blur_window": np.array([1, 5, 1, 5, 1, 1], np.int32),
         "blur_sigma": np.array([1.0, 1.5, 1.0, 0.7, 1.0, 1.0], np.float32),
         "solarize": np.array([0, 0, 1, 0, 1, 0], np.float32),
@@ -275,7 +276,7 @@ def test_graph_matches_torch_reference_for_fixed_params():
     x = (c * x + (1 - c) * _grey(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
     s = per_sample("saturation")[:, None, None, None]
     x = (s * x + (1 - s) * _grey(x)).clamp(0, 1)
-    x = _rotate_hue(x, -per_sample("hue") / 360)
+    x = _rotate_hue(x, torch.tensor([0.0, 0.05, -0.08, 0.0, 0.03, 0.0], dtype=torch.float64))
     blurred = torch.stack([_gaussian_blur(x[i: i + 1], per_sample("blur_sigma")[i: i + 1], 5)[0]
                            for i in range(n)])
     x = torch.where(torch.from_numpy(params["blur_window"] > 1)[:, None, None, None], blurred, x)
