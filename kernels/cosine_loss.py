@@ -10,8 +10,9 @@ eps, and the clamp is invisible to the gradient (torch clamps in place under no_
 
 The forward kernel stores (r, s) per row and pair, so the backward kernel is one pass that never
 recomputes the norms. Rows are reduced into one scalar in the same launch: every program writes its
-partial sum, and the program that takes the last ticket from a counter adds the partials in a fixed
-order (deterministic, no memset launch) and resets the counter for the next launch.
+partial sum, and the program that takes the last ticket from a counter (one per device and stream)
+adds the partials in a fixed order (deterministic, no memset launch) and resets the counter for the
+next launch.
 """
 from __future__ import annotations
 
@@ -144,16 +145,18 @@ def cosine_loss_bwd_kernel(
         tl.store(grad_a1_ptr + rows64 * D + cols64, r1[:, None] * b - s1[:, None] * a, mask=mask)
 
 
-# One counter per device, zeroed once; the last program of each launch sets it back to zero.
-_counters: dict[torch.device, torch.Tensor] = {}
+# One ticket counter per device and stream (launches on one stream never overlap), zeroed once; the
+# last program of each launch sets it back to zero.
+_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
 _eps: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
 _num_sms: dict[torch.device, int] = {}
 
 
 def _counter(device: torch.device) -> torch.Tensor:
-    counter = _counters.get(device)
+    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
+    counter = _counters.get(key)
     if counter is None:
-        counter = _counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
+        counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
     return counter
 
 
