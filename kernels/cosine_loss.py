@@ -16,11 +16,13 @@ next launch.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import interpreting, launchable
+from kernels.runtime import launchable
 
 EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
 # tl.sum is itself a jitted function, which the interpreter cannot call when Triton was imported
@@ -168,17 +170,28 @@ def _eps_tensor(device: torch.device, dtype: torch.dtype, eps: float) -> torch.T
 
 
 def _max_programs(device: torch.device) -> int:
-    if device.type != "cuda" or interpreting():
+    if device.type != "cuda":
         return 16
-    if device not in _num_sms:
-        _num_sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return 4 * _num_sms[device]
+    sms = _num_sms.get(device)
+    if sms is None:
+        sms = _num_sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * sms
 
 
+def _pow2(n: int) -> int:
+    # triton.next_power_of_2 and triton.cdiv are constexpr functions: a few microseconds per host call.
+    return 1 << (n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=256)
 def _blocks(B: int, D: int, num_pairs: int) -> tuple[int, int, int]:
     # A tile of about 4096 elements per pair keeps the live tiles of both pairs in registers.
-    block_d = min(triton.next_power_of_2(D), 2048)
-    block_b = max(1, min(triton.next_power_of_2(B), 4096 // num_pairs // block_d))
+    block_d = min(_pow2(D), 2048)
+    block_b = max(1, min(_pow2(B), 4096 // num_pairs // block_d))
     num_warps = 8 if block_b * block_d * num_pairs >= 8192 else 4
     return block_b, block_d, num_warps
 
@@ -200,7 +213,7 @@ def cosine_loss_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]], eps: flo
     device = a0.device
     acc = _acc_dtype(*(t for pair in pairs for t in pair))
     block_b, block_d, num_warps = _blocks(B, D, num_pairs)
-    grid = min(triton.cdiv(B, block_b), _max_programs(device))
+    grid = min(_cdiv(B, block_b), _max_programs(device))
     stats = torch.empty((B, 2 * num_pairs), dtype=acc, device=device)
     partial = torch.empty(grid, dtype=acc, device=device)
     loss = torch.empty((), dtype=acc, device=device)
@@ -208,7 +221,7 @@ def cosine_loss_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]], eps: flo
         a0, b0, a1, b1, *a0.stride(), *b0.stride(), *a1.stride(), *b1.stride(),
         stats, partial, _counter(device), loss, B, D, _eps_tensor(device, acc, eps),
         NUM_PAIRS=num_pairs, BLOCK_B=block_b, BLOCK_D=block_d,
-        BLOCK_P=min(triton.next_power_of_2(grid), 1024),
+        BLOCK_P=min(_pow2(grid), 1024),
         ACC=tl.float64 if acc == torch.float64 else tl.float32, FP64=acc == torch.float64,
         num_warps=num_warps,
     )
@@ -227,7 +240,7 @@ def cosine_loss_backward(pairs: list[tuple[torch.Tensor, torch.Tensor]], stats: 
     B, D = a0.shape
     grads = [torch.empty((B, D), dtype=a.dtype, device=a.device) for a, _ in pairs]
     block_b, block_d, num_warps = _blocks(B, D, num_pairs)
-    grid = (triton.cdiv(B, block_b), triton.cdiv(D, block_d))
+    grid = (_cdiv(B, block_b), _cdiv(D, block_d))
     launchable(cosine_loss_bwd_kernel)[grid](
         a0, b0, a1, b1, *a0.stride(), *b0.stride(), *a1.stride(), *b1.stride(),
         grads[0], grads[-1], stats, grad_loss, B, D,

@@ -70,7 +70,7 @@ def ema_launch(target: torch.Tensor, online: torch.Tensor, target_words: torch.T
         momentum = torch.tensor(momentum, dtype=torch.float64, device=target.device)
     from_ptr = isinstance(momentum, torch.Tensor)
     num_params, num_words = target.numel(), target_words.numel()
-    grid = (triton.cdiv(num_params, BLOCK) + triton.cdiv(num_words, BLOCK),)
+    grid = (-(-num_params // BLOCK) - (-num_words // BLOCK),)
     if grid[0] == 0:
         return
     # Pointers must be real even when there is nothing behind them; the kernel never reads them then.

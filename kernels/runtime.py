@@ -3,7 +3,12 @@
 `triton.jit` reads TRITON_INTERPRET once, when the decorator runs, so a kernel module imported before
 the variable was set would stay compiled (and fail on CPU tensors) and one imported after would stay
 interpreted. Launch helpers call `launchable(kernel)` instead, which reads the variable at each launch.
-Kernels must not call other jitted functions: a compiled helper cannot run inside the interpreter.
+
+For this to work whichever way Triton itself was imported, kernels call only Triton builtins, never
+other jitted functions, including those of triton.language's own library (tl.sum, tl.cdiv, tl.zeros,
+tl.zeros_like are jitted): a compiled function cannot run inside the interpreter. Use tl.reduce with
+tl.standard._sum_combine, integer arithmetic and tl.full instead. One direction stays out of reach:
+a process that imported Triton under TRITON_INTERPRET=1 cannot compile kernels for the GPU later.
 """
 from __future__ import annotations
 

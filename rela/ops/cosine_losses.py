@@ -23,6 +23,9 @@ EPS = 1e-8
 
 def _check_rows(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
     shape, device = tensors[0].shape, tensors[0].device
+    if (len(shape) == 2 and shape[0] and shape[1]
+            and all(t.shape == shape and t.device == device and t.is_floating_point() for t in tensors)):
+        return
     for name, t in zip(names, tensors):
         if t.dim() != 2 or t.shape != shape or t.shape[0] == 0 or t.shape[1] == 0:
             raise ValueError(f"{', '.join(names)} must share one (B, D) shape with B, D >= 1; "
