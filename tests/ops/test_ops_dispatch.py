@@ -66,3 +66,22 @@ def test_launchable_reads_triton_interpret_at_launch_time(monkeypatch):
     assert isinstance(runtime.launchable(cosine_loss_fwd_kernel), InterpretedFunction)
     monkeypatch.delenv("TRITON_INTERPRET")
     assert isinstance(runtime.launchable(cosine_loss_fwd_kernel), JITFunction)
+
+
+@pytest.mark.parametrize("kernel_module", ["kernels.cosine_loss", "kernels.ema"])
+def test_kernels_call_only_triton_builtins(kernel_module):
+    """A jitted callee (tl.sum, tl.cdiv, ...) breaks the interpreter when Triton was imported compiled."""
+    import importlib
+    import inspect
+    import re
+
+    import triton.language as tl
+
+    module = importlib.import_module(kernel_module)
+    allowed = {"constexpr", "standard._sum_combine"}
+    for kernel in (k for k in vars(module).values() if isinstance(k, (JITFunction, InterpretedFunction))):
+        for name in set(re.findall(r"\btl\.([\w.]+)", inspect.getsource(kernel.fn))):
+            obj = tl
+            for part in name.split("."):
+                obj = getattr(obj, part)
+            assert name in allowed or isinstance(obj, tl.dtype) or tl.core.is_builtin(obj), (kernel.fn.__name__, name)
