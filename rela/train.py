@@ -33,7 +33,8 @@ from rela.prior.specs import load_prior
 from rela.prior.target_bank import TargetBank, prepare_target_bank
 from rela.utils import distributed as dist_utils
 from rela.utils.checkpoint import (atomic_torch_save, atomic_write_json, checkpoint_path, latest_checkpoint,
-                                   load_checkpoint, prune_checkpoints)
+                                   load_checkpoint, prune_checkpoints, standalone_state_dict)
+from rela.utils.digest import state_digest
 from rela.utils.progress import Progress, RunLog
 
 
@@ -68,14 +69,14 @@ def build_image_source(cfg: Config, dataset, device: torch.device, use_dali: boo
 
 def choose_loader(cfg: Config, device: torch.device) -> bool:
     """True for DALI. auto: DALI where it is installed and a GPU is present."""
-    if cfg.loader == "torch":
+    if cfg.loader == "torch" or (cfg.loader == "auto" and device.type != "cuda"):
         return False
     from rela.data.dali import dali_available
     if cfg.loader == "dali":
         if not dali_available():
             raise RelaError("--loader dali: NVIDIA DALI is not installed (pip install '.[dali]')")
         return True
-    return device.type == "cuda" and dali_available()
+    return dali_available()
 
 
 def build_train_loader(cfg: Config, splits: DatasetSplits, source, sampler: BudgetSampler, normalize: Normalize,
@@ -193,7 +194,7 @@ def run(cfg: Config) -> dict | None:
         if dist.is_main:
             state.elapsed_s += time.time() - segment_start[0]
             segment_start[0] = time.time()
-            atomic_torch_save({"learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
+            atomic_torch_save({"learner": standalone_state_dict(learner), "optimizer": optimizer.state_dict(),
                                "controller": controller.state_dict(), "loader": loader_states,
                                "train_state": state.__dict__, "config": config_to_dict(cfg)},
                               checkpoint_path(run_dir, state.step))
@@ -271,7 +272,9 @@ def run(cfg: Config) -> dict | None:
                         use_dali)
     state.elapsed_s += time.time() - segment_start[0]
     skipped = getattr(train_source, "skipped", set())
+    replica_digests = _gather_objects(state_digest(learner), dist)
     summary.update({
+        "replica_weights_identical": len(set(replica_digests)) == 1, "replica_weight_digests": replica_digests,
         "wall_clock_s": state.elapsed_s, "train_steps": state.step, "images_seen": state.images_seen,
         "rela_phase_end_step": state.rela_phase_end_step, "target_bank_s": state.target_bank_s,
         "rela_plateau_step": int(controller.plateau_step.item()) if bank is not None else None,
@@ -279,7 +282,7 @@ def run(cfg: Config) -> dict | None:
         "skipped_corrupt": len(skipped), "device": str(device),
     })
     if dist.is_main:
-        atomic_torch_save({"arch": cfg.arch, "state_dict": learner.nets.backbone.state_dict(),
+        atomic_torch_save({"arch": cfg.arch, "state_dict": standalone_state_dict(learner.nets.backbone),
                            "image_size": cfg.image_size, "mean": list(splits.mean), "std": list(splits.std)},
                           run_dir / "backbone.pt")
         atomic_write_json(summary, run_dir / "summary.json")
@@ -293,9 +296,10 @@ def run(cfg: Config) -> dict | None:
 
 def _ema_updater(learner: Learner, fused: bool | None):
     """The target network's EMA step, set up once (the target's parameters become one flat buffer)."""
-    from rela.ops import ema_update_
+    from rela.ops import ema_update_, prepare_ema_
 
     target, online = learner.nets.target_pair(), learner.nets.online_pair()
+    prepare_ema_(target, online)  # before the optimiser and DDP see the parameters
 
     def update(momentum: float) -> None:
         ema_update_(target, online, momentum, fused=fused)

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torchvision
 from rela.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from rela.errors import RelaError
 from rela.models.backbones import build_backbone
+from rela.utils.digest import file_digest, state_digest
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -48,22 +48,6 @@ class _Features(nn.Module):
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out.flatten(1).float()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
-def _state_sha256(module: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _strip_classifier(net: nn.Module, name: str) -> nn.Module:
@@ -106,7 +90,7 @@ def load_prior(spec: str, *, arch: str, image_size: int, seed: int, prior_size: 
                 net.load_state_dict(state)
             except (RuntimeError, TypeError, AttributeError) as err:
                 raise RelaError(f"--prior {spec}: {path} does not fit {name}: {str(err).splitlines()[0]}") from None
-            fingerprint = f"torchvision:{name}:sha256={_file_sha256(path)}"
+            fingerprint = f"torchvision:{name}:sha256={file_digest(path)}"
         else:
             fingerprint = f"torchvision:{name}:random:seed={seed}"
         net = _strip_classifier(net, name)
@@ -117,7 +101,7 @@ def load_prior(spec: str, *, arch: str, image_size: int, seed: int, prior_size: 
         encoder = _Features(module)
         mean, std = (CLIP_MEAN, CLIP_STD) if encoder.use_encode_image else (IMAGENET_MEAN, IMAGENET_STD)
         return Prior(spec, _freeze(encoder), prior_size or 224, mean, std,
-                     f"torchscript:sha256={_file_sha256(path)}")
+                     f"torchscript:sha256={file_digest(path)}")
     if kind == "run" and rest:
         return _load_run_prior(spec, Path(rest), prior_size)
     raise RelaError(f"unknown --prior {spec!r}; use none, rand, torchvision:NAME[:WEIGHTS.pth], "
@@ -143,7 +127,7 @@ def _load_run_prior(spec: str, run_dir: Path, prior_size: int | None) -> Prior:
     except (KeyError, RuntimeError, TypeError) as err:
         raise RelaError(f"--prior {spec}: {path} is not a backbone written by rela.train ({err})") from None
     return Prior(spec, _freeze(_Features(net)), prior_size or saved["image_size"], tuple(saved["mean"]),
-                 tuple(saved["std"]), f"run:{saved['arch']}:state={_state_sha256(net)}")
+                 tuple(saved["std"]), f"run:{saved['arch']}:state={state_digest(net)}")
 
 
 def describe(prior: Prior) -> str:

@@ -72,3 +72,10 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a torn or foreign file: name it rather than show a pickle traceback
         raise RelaError(f"cannot load checkpoint {path}: {err}") from None
+
+
+def standalone_state_dict(module) -> dict:
+    """state_dict() with each tensor in storage of its own. The EMA keeps parameters and buffers as views
+    into shared flat buffers (buffers of mixed dtypes share one int64 word buffer), which torch.save
+    cannot serialise as they are."""
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}

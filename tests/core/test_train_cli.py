@@ -1,0 +1,193 @@
+"""The command line end to end: the default job, each dataset kind, each prior kind, and bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST_ARGS, write_imagefolder
+from rela.train import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(args, tmp_path, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "rela.train", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, **kwargs)
+
+
+def train(tmp_path: Path, *args: str, name: str = "run") -> dict:
+    out = tmp_path / name
+    code = main([*FAST_ARGS, "--out", str(out), "--bank-dir", str(tmp_path / "banks"), *args])
+    assert code == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_default_command_finishes_above_chance(tmp_path):
+    """`python -m rela.train` with no arguments: digits, RELA with a rand prior, 20% budget."""
+    result = run_cli([], tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "default" / "summary.json").read_text())
+    for key in ("linear_probe_top1", "knn_top1", "wall_clock_s", "train_steps", "images_seen",
+                "rela_phase_end_step", "target_bank_s"):
+        assert key in summary
+    assert summary["linear_probe_top1"] > 50 and summary["knn_top1"] > 50  # chance is 10%
+    assert summary["prior"] == "rand" and summary["budget"] == 0.2 and summary["target_bank_s"] > 0
+    assert summary["wall_clock_s"] < 180
+    assert "linear_probe_top1=" in result.stdout
+    config = json.loads((tmp_path / "runs" / "default" / "config.json").read_text())
+    assert config["dataset"] == "digits" and config["prior"] == "rand"
+    records = [json.loads(l) for l in (tmp_path / "runs" / "default" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "phase", "rho", "lr", "momentum", "images_per_s", "data_wait_fraction"} <= set(records[0])
+
+
+def test_help_documents_every_option(tmp_path):
+    result = run_cli(["--help"], tmp_path)
+    assert result.returncode == 0
+    from rela.config import Config
+    import dataclasses
+    for f in dataclasses.fields(Config):
+        assert "--" + f.name.replace("_", "-") in result.stdout
+
+
+def test_budget_counts_images_and_steps(tmp_path):
+    summary = train(tmp_path, "--prior", "none", "--budget", "0.5", "--epochs", "2")
+    per_epoch = int(1438 * 0.5)
+    assert summary["images_seen"] == 2 * per_epoch
+    assert summary["train_steps"] == 2 * -(-per_epoch // 16)
+    assert summary["rela_phase_end_step"] is None
+
+
+def test_rela_then_byol_switches_at_the_fraction(tmp_path):
+    summary = train(tmp_path, "--prior", "rand", "--budget", "0.5", "--epochs", "2", "--rela-phase", "0.5")
+    assert summary["rela_phase_end_step"] == round(0.5 * summary["train_steps"])
+    phases = [json.loads(l)["phase"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert phases[0] == "rela" and phases[-1] == "byol"
+
+
+def test_target_bank_is_reused_and_rebuilt_when_the_key_changes(tmp_path, capsys):
+    first = train(tmp_path, "--prior", "rand", "--budget", "0.2", name="a")
+    second = train(tmp_path, "--prior", "rand", "--budget", "0.2", name="b")
+    assert "reusing" in capsys.readouterr().err
+    assert second["target_bank_s"] < first["target_bank_s"]
+    train(tmp_path, "--prior", "rand", "--prior-seed", "99", "--budget", "0.2", name="c")
+    err = capsys.readouterr().err
+    assert "rebuilding" in err and "prior" in err
+
+
+def test_imagefolder_and_cifar_fixtures_train(tmp_path, cifar10):
+    folder = write_imagefolder(tmp_path / "tree", classes=3, per_class=10)
+    s1 = train(tmp_path, "--dataset", "imagefolder", "--data", str(folder), "--prior", "rand", name="if")
+    assert s1["train_steps"] >= 1
+    s2 = train(tmp_path, "--dataset", "cifar10", "--data", str(cifar10), "--prior", "none", "--budget", "0.5",
+               name="cifar")
+    assert s2["images_seen"] == int(200 * 0.5) // 16 * 16 or s2["images_seen"] == int(200 * 0.5)
+
+
+def test_priors_from_files_and_runs(tmp_path):
+    # torchvision architecture with a weights file
+    import torchvision
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    s = train(tmp_path, "--prior", f"torchvision:resnet18:{weights}", "--prior-size", "32", name="tv")
+    assert s["target_bank_s"] > 0
+    # TorchScript with encode_image (as CLIP's files have)
+    class Clipish(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, 2)
+
+        def forward(self, x):
+            return x
+
+        @torch.jit.export
+        def encode_image(self, x):
+            return self.conv(x).mean((2, 3))
+
+    script = tmp_path / "clipish.pt"
+    torch.jit.save(torch.jit.script(Clipish()), str(script))
+    train(tmp_path, "--prior", f"torchscript:{script}", "--prior-size", "24", name="ts")
+    # a backbone trained by this trainer
+    train(tmp_path, "--prior", f"run:{tmp_path / 'tv'}", name="from-run")
+
+
+# --- bad input: one clear message, non-zero exit, nothing damaged -----------------------------------
+
+@pytest.mark.parametrize("args,message", [
+    (["--arch", "vgg99"], "unknown architecture 'vgg99'"),
+    (["--budget", "0"], "--budget must be in (0, 1]"),
+    (["--budget", "1.5"], "--budget must be in (0, 1]"),
+    (["--dataset", "imagefolder", "--data", "/nonexistent/folder"], "data folder /nonexistent/folder does not exist"),
+    (["--dataset", "cifar10"], "needs --data"),
+    (["--prior", "torchscript:/nonexistent.pt"], "file /nonexistent.pt does not exist"),
+    (["--prior", "magic"], "unknown --prior 'magic'"),
+    (["--prior", "torchvision:notanet"], "torchvision has no model 'notanet'"),
+    (["--rela-phase", "sometimes"], "--rela-phase must be 'adaptive' or a fraction"),
+])
+def test_bad_options_give_one_clear_message(tmp_path, capsys, args, message):
+    code = main([*FAST_ARGS, "--out", str(tmp_path / "run"), "--bank-dir", str(tmp_path / "b"), *args])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,message", [(["--bugdet", "0.2"], "unrecognized arguments: --bugdet"),
+                                          (["--dataset", "imagenet21k"], "invalid choice: 'imagenet21k'")])
+def test_unknown_option_or_choice_exits_non_zero(tmp_path, args, message):
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_empty_folder_and_unloadable_prior_file(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*FAST_ARGS, "--dataset", "imagefolder", "--data", str(empty), "--out", str(tmp_path / "r")]) == 1
+    assert f"data folder {empty} is empty" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torchscript file")
+    assert main([*FAST_ARGS, "--prior", f"torchscript:{garbage}", "--out", str(tmp_path / "r")]) == 1
+    assert f"cannot load {garbage}" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"fc.weight": torch.zeros(3)}, wrong)
+    assert main([*FAST_ARGS, "--prior", f"torchvision:resnet18:{wrong}", "--out", str(tmp_path / "r")]) == 1
+    assert f"{wrong} does not fit resnet18" in capsys.readouterr().err
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path, capsys):
+    folder = write_imagefolder(tmp_path / "tree", classes=2, per_class=12)
+    bad = folder / "class_1" / "img_003.jpg"
+    bad.write_bytes(bad.read_bytes()[:100])  # a truncated JPEG
+    args = [*FAST_ARGS, "--dataset", "imagefolder", "--data", str(folder), "--val-fraction", "0.1"]
+    code = main([*args, "--prior", "none", "--budget", "1.0", "--out", str(tmp_path / "r1")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "cannot decode image" in err and "img_003.jpg" in err and "--skip-corrupt" in err
+    code = main([*args, "--prior", "rand", "--skip-corrupt", "--budget", "1.0", "--out", str(tmp_path / "r2"),
+                 "--bank-dir", str(tmp_path / "b")])
+    assert code == 0
+    summary = json.loads((tmp_path / "r2" / "summary.json").read_text())
+    assert summary["skipped_corrupt"] == 1
+
+
+def test_mismatched_target_bank_is_rejected_and_left_intact(tmp_path, capsys):
+    train(tmp_path, "--prior", "rand", name="a")
+    bank = next((tmp_path / "banks").glob("bank-*.pt"))
+    before = bank.read_bytes()
+    code = main([*FAST_ARGS, "--prior", "rand", "--prior-seed", "7", "--target-bank", str(bank),
+                 "--out", str(tmp_path / "b")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"target bank {bank} was built for another setting" in err and "prior" in err
+    code = main([*FAST_ARGS, "--prior", "rand", "--arch", "resnet18_cifar", "--target-bank", str(bank),
+                 "--out", str(tmp_path / "c")])
+    assert code == 1
+    assert "target bank" in capsys.readouterr().err
+    assert bank.read_bytes() == before
