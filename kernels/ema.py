@@ -18,8 +18,8 @@ import triton.language as tl
 from kernels.runtime import interpreting, launchable
 
 BLOCK = 4096
-# Flat buffers are padded to a multiple of this many elements: the kernel then needs no masks at the
-# tail of a full block, and the length's divisibility by 16 lets Triton vectorise loads and stores.
+# Flat parameter buffers are padded to a multiple of this many elements: every block is full, and the
+# length's divisibility by 16 lets Triton vectorise the masked loads and stores (16-byte accesses).
 PAD = BLOCK
 
 

@@ -230,7 +230,8 @@ def ema_update_(target: nn.Module, online: nn.Module, momentum: float | torch.Te
     (any floating dtype, moved to the modules' device if elsewhere) that the kernel reads from device
     memory, so a momentum schedule kept on the device costs no host sync. Nothing is differentiated;
     `online` is only read. The fused path is one kernel launch over the flat buffers that
-    `prepare_ema_` made (done here on first use); it matches `torch._foreach_lerp_` bit for bit.
+    `prepare_ema_` made (done here on first use); for float32/bf16/fp16 parameters it matches
+    `torch._foreach_lerp_` bit for bit (tested on the CPU under the interpreter).
     fused: None picks the kernels for CUDA modules (and CPU ones under TRITON_INTERPRET=1),
     False forces `ema_update_reference_`, True demands the kernels.
     """
