@@ -44,7 +44,7 @@ import torch
 from rela.data.budget import BudgetSampler
 from rela.data.datasets import ArrayImages, CorruptImageError, FileImages, decode_image
 from rela.data.loader import TrainBatch
-from rela.data.views import Normalize, ViewSpec, blur_kernel_size, view_pair
+from rela.data.views import VIEW_MODES, Normalize, ViewSpec, blur_kernel_size, view_pair
 
 # What PIL calls the formats DALI's decoder reads (MPO: camera JPEGs with a second picture appended).
 DALI_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"}
@@ -210,6 +210,9 @@ def draw_view_params(spec: ViewSpec, sizes: np.ndarray, out_size: int, rng: np.r
     hue_turns = factor(spec.hue, jitter, neutral=0.0)
     grayscale, blur, solarize = coin(spec.grayscale_p), coin(spec.blur_p), coin(spec.solarize_p)
     sigma = rng.uniform(*spec.blur_sigma, n)
+    # A Gaussian's weights beyond 3 sigma sum to 0.3%: the window stops there (never wider than the
+    # spec's), which keeps the blur within a level of the full window at a fraction of its cost.
+    window = np.minimum(blur_kernel_size(out_size), 2 * np.ceil(3 * sigma) + 1)
     f32 = np.float32
     return {
         "crop_start": np.stack([y0, x0], 1).astype(f32),
@@ -219,7 +222,7 @@ def draw_view_params(spec: ViewSpec, sizes: np.ndarray, out_size: int, rng: np.r
         "contrast": contrast.astype(f32),
         "saturation": np.where(grayscale, 0.0, saturation).astype(f32),
         "hue": hue_degrees(hue_turns).astype(f32),
-        "blur_window": np.where(blur, blur_kernel_size(out_size), 1).astype(np.int32),
+        "blur_window": np.where(blur, window, 1).astype(np.int32),
         "blur_sigma": sigma.astype(f32),
         "solarize": solarize.astype(f32),
     }
@@ -416,10 +419,13 @@ class DaliTrainLoader:
         self._channels_last = normalize.channels_last
         source = self._data_name = ENCODED if self.reader.files else ARRAYS
         mean, std = normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()
+        # Only views that solarize in some mode get the op (BYOL's second).
+        self._solarize = tuple(any(pair[v].solarize_p > 0 for pair in VIEW_MODES.values()) for v in (0, 1))
         self._fed = _FedPipeline(
             lambda batch_size: train_pipeline(
                 source, batch_size=batch_size, num_threads=num_threads, device_id=_device_id(self.device),
-                size=image_size, mean=mean, std=std, half=half, channels_last=normalize.channels_last),
+                size=image_size, mean=mean, std=std, half=half, channels_last=normalize.channels_last,
+                solarize=self._solarize),
             self.device)
         self.set_view_mode(view_mode)
 
@@ -442,8 +448,13 @@ class DaliTrainLoader:
             # The step's own generator: its views depend on (seed, epoch, step) only.
             rng = np.random.default_rng([self.seed % 2 ** 63, epoch, start_step + position])
             inputs = {self._data_name: host.data}
-            for v, spec in enumerate(self.views, start=1):
-                for name, value in draw_view_params(spec, host.sizes, self.image_size, rng).items():
+            for v, (spec, solarize) in enumerate(zip(self.views, self._solarize), start=1):
+                params = draw_view_params(spec, host.sizes, self.image_size, rng)
+                if not solarize:
+                    if spec.solarize_p > 0:
+                        raise ValueError(f"view {v} of this loader's graph has no solarize op")
+                    del params["solarize"]
+                for name, value in params.items():
                     inputs[f"view{v}_{name}"] = value
             return inputs
 

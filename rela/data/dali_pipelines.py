@@ -30,7 +30,7 @@ VIEW_INPUTS = {
     "hue": (types.FLOAT, 0),  # rotation of the chroma plane, degrees (fn.hsv's convention)
     "blur_window": (types.INT32, 0),  # Gaussian window, odd; 1 leaves the sample unchanged
     "blur_sigma": (types.FLOAT, 0),
-    "solarize": (types.FLOAT, 0),  # 1: invert pixels >= 0.5
+    "solarize": (types.FLOAT, 0),  # 1: invert pixels >= 0.5 (only in views built with solarize=True)
 }
 # Per-sample inputs of the evaluation graph.
 EVAL_INPUTS = {
@@ -55,15 +55,20 @@ def _images(source: str, on_gpu: bool):
     raise ValueError(f"unknown image source {source!r}")
 
 
+def view_inputs(solarize: bool) -> dict:
+    """The per-sample inputs of a view; one that never solarizes has no solarize op and input."""
+    return {name: kind for name, kind in VIEW_INPUTS.items() if solarize or name != "solarize"}
+
+
 def _inputs(spec: dict, prefix: str = "") -> dict:
     return {name: fn.external_source(name=prefix + name, dtype=dtype, ndim=ndim)
             for name, (dtype, ndim) in spec.items()}
 
 
-def _view(images, prefix: str, *, on_gpu: bool, size: int, mean, std, dtype, layout: str):
+def _view(images, prefix: str, *, solarize: bool, on_gpu: bool, size: int, mean, std, dtype, layout: str):
     """One view, in views.augment_batch's order: crop + resize, brightness, contrast, saturation + hue
     (+ grayscale), blur, solarize; then normalise, mirror, cast and lay out in one pass."""
-    p = _inputs(VIEW_INPUTS, prefix)
+    p = _inputs(view_inputs(solarize), prefix)
 
     def on_device(node):  # arithmetic needs its per-sample scalars where the images are
         return node.gpu() if on_gpu else node
@@ -79,17 +84,20 @@ def _view(images, prefix: str, *, on_gpu: bool, size: int, mean, std, dtype, lay
     # pixel's luma and its hue rotation; grayscale is saturation 0 in the same pass.
     x = dmath.clamp(fn.hsv(x, saturation=p["saturation"], hue=p["hue"], dtype=types.FLOAT), 0.0, 1.0)
     x = fn.gaussian_blur(x, window_size=p["blur_window"], sigma=p["blur_sigma"])
-    solarize = on_device(p["solarize"])
-    x = x + solarize * (x >= 0.5) * (1 - 2 * x)
+    if solarize:  # a fused arithmetic expression: costly on the CPU, so left out where never used
+        flag = on_device(p["solarize"])
+        x = x + flag * (x >= 0.5) * (1 - 2 * x)
     # Flipping last is equivalent (every op after the crop is mirror-symmetric) and free in this pass.
     return fn.crop_mirror_normalize(x, mirror=p["flip"], mean=list(mean), std=list(std), dtype=dtype,
                                     output_layout=layout)
 
 
 def train_pipeline(source: str, *, batch_size: int, num_threads: int, device_id: int | None, size: int,
-                   mean, std, half: bool, channels_last: bool) -> Pipeline:
+                   mean, std, half: bool, channels_last: bool, solarize: tuple[bool, bool] = (True, True)
+                   ) -> Pipeline:
     """Outputs (view1, view2): (B, 3, size, size) float ('CHW') or (B, size, size, 3) ('HWC', for
-    channels_last), float16 if `half` else float32, normalised with mean/std (fractions of 1)."""
+    channels_last), float16 if `half` else float32, normalised with mean/std (fractions of 1).
+    solarize: which views have the solarize op."""
     on_gpu = device_id is not None
     # prefetch_queue_depth=1: the host decides how many steps are in flight (rela/data/dali.py); a deeper
     # queue makes DALI's first schedule_run run ahead on inputs that are not fed yet.
@@ -99,7 +107,8 @@ def train_pipeline(source: str, *, batch_size: int, num_threads: int, device_id:
         images = _images(source, on_gpu)
         common = dict(on_gpu=on_gpu, size=size, mean=mean, std=std,
                       dtype=types.FLOAT16 if half else types.FLOAT, layout="HWC" if channels_last else "CHW")
-        pipe.set_outputs(_view(images, "view1_", **common), _view(images, "view2_", **common))
+        pipe.set_outputs(_view(images, "view1_", solarize=solarize[0], **common),
+                         _view(images, "view2_", solarize=solarize[1], **common))
     pipe.build()
     return pipe
 

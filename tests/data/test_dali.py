@@ -377,10 +377,15 @@ def test_draws_follow_each_view_spec():
     rng = np.random.default_rng(7)
     sizes = np.tile([[90, 120]], (4000, 1))
     for spec in BYOL_VIEWS:
-        p = draw_view_params(spec, sizes, 32, rng)
+        p = draw_view_params(spec, sizes, 64, rng)
         n = len(sizes)
         assert _within_binomial(int((p["saturation"] == 0).sum()), n, spec.grayscale_p)
-        assert _within_binomial(int((p["blur_window"] == blur_kernel_size(32)).sum()), n, spec.blur_p)
+        blurred = p["blur_window"] > 1
+        assert _within_binomial(int(blurred.sum()), n, spec.blur_p)
+        # odd windows, cut at 3 sigma and never wider than the spec's kernel
+        window, sigma = p["blur_window"][blurred], p["blur_sigma"][blurred]
+        assert (window % 2 == 1).all() and (window <= blur_kernel_size(64)).all()
+        assert (window >= np.minimum(blur_kernel_size(64), 6 * sigma + 1)).all()
         assert _within_binomial(int(p["solarize"].sum()), n, spec.solarize_p)
         assert _within_binomial(int(p["flip"].sum()), n, spec.flip_p)
         jittered = p["brightness"] != 1
