@@ -188,11 +188,12 @@ def _add_rows_(row_sum, row_outer_sum, features: np.ndarray, begin: int, end: in
     """Adds rows [begin, end) of the file (those with `done` set, or all) to the sums."""
     for start in range(begin, end, _READ_BACK_ROWS):
         stop = min(end, start + _READ_BACK_ROWS)
+        chunk_done = None if done is None else done[start - begin:stop - begin]
+        if chunk_done is not None and not chunk_done.any():
+            continue  # a fresh shard reads nothing
         block = torch.from_numpy(np.array(features[start:stop]))
-        if done is not None:
-            block = block[done[start - begin:stop - begin]]
-        if block.shape[0] == 0:
-            continue
+        if chunk_done is not None:
+            block = block[chunk_done]
         x = block.to(row_sum.device, torch.float64)
         row_sum += x.sum(0)
         row_outer_sum.addmm_(x.T, x)
