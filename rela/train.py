@@ -268,6 +268,7 @@ def run(cfg: Config) -> dict | None:
         return None
 
     # Evaluation and summary
+    dist_utils.broadcast_buffers_(learner)
     summary = _evaluate(cfg, learner.nets.backbone, splits, train_source, device, dist, crop_fraction, autocast_dtype,
                         use_dali)
     state.elapsed_s += time.time() - segment_start[0]

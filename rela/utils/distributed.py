@@ -69,3 +69,11 @@ def all_gather_rows(tensor: torch.Tensor, counts: list[int]) -> torch.Tensor:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_buffers_(module: torch.nn.Module, src: int = 0) -> None:
+    """Makes every rank's buffers (BN running statistics) rank src's. DDP broadcasts them only at the
+    start of a forward, so after the last step each rank holds the statistics of its own last batch."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src)
