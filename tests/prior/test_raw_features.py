@@ -200,6 +200,19 @@ def test_two_ranks_write_one_bank(tmp_path, num_rows, batch_size, dtype):
     assert sum(int(r["row_count"]) for r in results) == num_rows
 
 
+def test_two_ranks_reuse_a_complete_bank_without_running_the_prior(tmp_path):
+    path = tmp_path / "bank.raw"
+    first = build(path, 33, 16, 4)
+    results = run_ranks(path, tmp_path, 33, 16, 4, world_size=2)
+    rows = bank_rows(first)
+    for rank, result in enumerate(results):
+        begin, end = _C.shard_range(33, rank, 2)
+        assert int(result["rows_computed"]) == 0 and int(result["batches"]) == 0
+        assert int(result["row_count"]) == end - begin
+        torch.testing.assert_close(torch.from_numpy(result["row_outer_sum"]), rows[begin:end].T @ rows[begin:end],
+                                   rtol=1e-12, atol=0)
+
+
 def test_interrupted_build_resumes_on_two_ranks_without_recomputing(tmp_path):
     path = tmp_path / "bank.raw"
     prior = CountingPrior(16, fail_after=3)
