@@ -120,6 +120,8 @@ class _HostReader:
             encoded = np.fromfile(path, dtype=np.uint8)
             with Image.open(io.BytesIO(encoded.tobytes())) as image:  # reads the header only
                 fmt, (width, height) = image.format, image.size
+        except Image.UnidentifiedImageError:  # its message names the BytesIO, not the file
+            raise CorruptImageError(path, "not an image file PIL can identify") from None
         except (OSError, ValueError, SyntaxError) as err:  # as datasets.decode_image
             raise CorruptImageError(path, str(err) or type(err).__name__) from None
         if fmt not in DALI_FORMATS:
@@ -130,18 +132,21 @@ class _HostReader:
         """`batch` failed in DALI's decoder: finds the files at fault, raises for the first or (skipping)
         returns the batch without them. Re-raises `error` if every file decodes on its own."""
         bad = np.zeros(len(batch), dtype=bool)
+        first: CorruptImageError | None = None
         for k, i in enumerate(batch.index.tolist()):
             try:
                 decode_image(self.dataset.path(i))
-            except CorruptImageError:
-                bad[k] = True
+            except CorruptImageError as err:
+                bad[k], first = True, first or err
         if not bad.any():  # PIL reads them all: ask DALI itself, one file at a time
             bad = ~_dali_decodes(batch.data)
+            if bad.any():
+                first = CorruptImageError(self.dataset.path(int(batch.index[bad.argmax()])),
+                                          f"DALI's decoder fails on it ({_first_line(error)}); --loader torch reads it")
         if not bad.any():
             raise error
-        first = int(batch.index[bad.argmax()])
         if not self.skip_corrupt:
-            raise CorruptImageError(self.dataset.path(first), f"DALI's decoder failed on it ({_first_line(error)})")
+            raise first
         self.skipped.update(batch.index[bad].tolist())
         return batch.keep(~bad)
 

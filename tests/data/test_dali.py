@@ -416,14 +416,16 @@ def test_view_switch_takes_effect_at_the_requested_step():
 # ---- Bad input -------------------------------------------------------------------------------------
 
 def _corrupt_tree(tmp_path: Path) -> tuple[FileImages, dict[str, int]]:
-    """24 good images and three bad ones: random bytes, a JPEG cut short (its header reads fine, so only
-    the decoder finds out) and a GIF under a .png name (a format DALI does not decode)."""
+    """24 good images and four bad ones: random bytes, a JPEG cut short (its header reads fine, so only
+    the decoder finds out), a GIF under a .jpg name (a format DALI does not decode) and a 1-bit TIFF
+    (PIL reads it, DALI's decoder does not)."""
     from PIL import Image
 
     rng = np.random.default_rng(8)
-    images = [_smooth_image(rng, 40, 50) for _ in range(27)]
-    dataset = _write_files(tmp_path / "bad", images, [i % 3 for i in range(27)], ["jpg"] * 27)
-    bad = {"garbage": 4, "truncated": 13, "gif": 21}
+    images = [_smooth_image(rng, 40, 50) for _ in range(28)]
+    bad = {"garbage": 4, "truncated": 13, "gif": 21, "tiff_1bit": 9}
+    formats = ["tif-1" if i == bad["tiff_1bit"] else "jpg" for i in range(28)]
+    dataset = _write_files(tmp_path / "bad", images, [i % 3 for i in range(28)], formats)
     dataset.path(bad["garbage"]).write_bytes(rng.integers(0, 256, 3000, dtype=np.uint8).tobytes())
     jpeg = dataset.path(bad["truncated"]).read_bytes()
     dataset.path(bad["truncated"]).write_bytes(jpeg[: len(jpeg) // 2])
@@ -433,7 +435,7 @@ def _corrupt_tree(tmp_path: Path) -> tuple[FileImages, dict[str, int]]:
     return dataset, bad
 
 
-@pytest.mark.parametrize("which", ["garbage", "truncated", "gif"])
+@pytest.mark.parametrize("which", ["garbage", "truncated", "gif", "tiff_1bit"])
 def test_corrupt_file_raises_naming_it(tmp_path, which):
     dataset, bad = _corrupt_tree(tmp_path)
     only = np.array([i for i in range(len(dataset)) if i == bad[which] or i not in bad.values()])
@@ -447,6 +449,8 @@ def test_corrupt_file_raises_naming_it(tmp_path, which):
         for _ in _loader(train_set, batch_size=5).epoch(0):
             pass
     assert path in str(err.value)
+    if which in ("gif", "tiff_1bit"):  # files the torch loader reads: the message says so
+        assert "--loader torch" in str(err.value)
 
 
 def test_skip_corrupt_drops_and_counts_bad_files(tmp_path):
