@@ -113,6 +113,11 @@ def batches_forever(make_epoch, to_views):
         epoch += 1
 
 
+def take(batches, n: int) -> None:
+    for _ in range(n):
+        next(batches)
+
+
 def make_loaders(files: FileImages, device: torch.device, batch_size: int, cores: int, normalize: Normalize
                  ) -> dict:
     """name -> zero-argument function that builds an endless (view1, view2) iterator."""
@@ -233,18 +238,14 @@ def main(argv=None) -> dict:
               f"{time.perf_counter() - t0:.1f}s; batch {batch_size}, {cores} cores, {device}")
         for name, make in make_loaders(files, device, batch_size, cores, normalize).items():
             batches = make()
-
-            def take():
-                for _ in range(chunk):
-                    next(batches)
-            timing = time_fn(take, device=device, warmup=warmup, repeats=repeats)
+            timing = time_fn(lambda: take(batches, chunk), device=device, warmup=warmup, repeats=repeats)
             row = {"loader": name, "batch": batch_size, "batches_per_repeat": chunk, **timing,
                    "samples_per_s": chunk * batch_size / timing["median_ms"] * 1e3}
             if wait_model != "none":
                 row.update(data_wait_fraction(make(), _ByolStep(wait_model, device), warmup * chunk,
                                               repeats * chunk, device))
             rows.append(row)
-            del batches
+            batches.close()
             print(f"  {name}: {row['samples_per_s']:.1f} samples/s")
     baseline = next((r["samples_per_s"] for r in rows if r["loader"] == "torchvision"), None)
     for row in rows:

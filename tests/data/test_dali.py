@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from rela.data.dali_pipelines import ARRAYS, VIEW_INPUTS, train_pipeline  # noqa
 from rela.data.datasets import ArrayImages, CorruptImageError, FileImages, decode_image  # noqa: E402
 from rela.data.loader import ImageSource, TorchTrainLoader, _pil_square  # noqa: E402
 from rela.data.views import (BYOL_VIEWS, Normalize, ViewSpec, _gaussian_blur, _grey, _rotate_hue,  # noqa: E402
-                             blur_kernel_size, resize_center_crop)
+                             blur_kernel_size)
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
