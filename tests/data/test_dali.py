@@ -221,6 +221,18 @@ def test_resume_mid_epoch_gives_the_same_batches():
     assert not torch.equal(whole[0].view1, next(iter(_loader(dataset).epoch(2))).view1)
 
 
+def test_abandoned_epoch_leaves_nothing_behind():
+    """An epoch left after one batch has steps in flight; the next epoch must not yield them."""
+    loader = _loader(_solid_arrays(40), batch_size=4, views=(PLAIN, PLAIN), prefetch=3)
+    abandoned = iter(loader.epoch(0))
+    next(abandoned)
+    batches = list(loader.epoch(1))
+    assert torch.cat([b.index for b in batches]).tolist() == loader.sampler.rank_indices(1).tolist()
+    assert all(_decoded_index(b.view1[k]) == i for b in batches for k, i in enumerate(b.index.tolist()))
+    with pytest.raises(RuntimeError, match="superseded"):
+        next(abandoned)
+
+
 @pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.float16, True),
                                                  (torch.bfloat16, True), (torch.float32, True)])
 def test_output_dtype_and_layout_follow_normalize(dali_smooth_files, dtype, channels_last):
