@@ -5,7 +5,6 @@ Reads top to bottom: options, data, prior and target bank, networks, optimiser, 
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from rela.models.backbones import build_backbone
 from rela.optim import build_optimizer, learning_rate
 from rela.prior.specs import load_prior
 from rela.prior.target_bank import TargetBank, prepare_target_bank
+from rela.step import make_ema_updater, train_step
 from rela.utils import distributed as dist_utils
 from rela.utils.checkpoint import (atomic_torch_save, atomic_write_json, checkpoint_path, latest_checkpoint,
                                    load_checkpoint, prune_checkpoints, standalone_state_dict)
@@ -148,7 +148,7 @@ def run(cfg: Config) -> dict | None:
     if cfg.sync_bn and dist.enabled:
         learner = nn.SyncBatchNorm.convert_sync_batchnorm(learner)
     learner = learner.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    ema = _ema_updater(learner, fused)
+    ema = make_ema_updater(learner, fused)
     peak_lr = cfg.lr * cfg.batch_size / 256
     optimizer = build_optimizer(learner.named_parameters(), cfg.optimizer, peak_lr, cfg.weight_decay)
     model = learner
@@ -211,27 +211,19 @@ def run(cfg: Config) -> dict | None:
         micro_left = sampler.steps_per_epoch - state.step_in_epoch * cfg.grad_accum
         while micro_left > 0:
             lr = learning_rate(state.step, total_steps, warmup_steps, peak_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            accumulate = min(cfg.grad_accum, micro_left)
-            for micro in range(accumulate):
-                wait_start = time.time()
-                batch = next(batches)
-                window_wait += time.time() - wait_start
-                targets = bank.lookup(batch.index) if state.phase == "rela" else None
-                sync_now = micro == accumulate - 1 or not dist.enabled
-                with _maybe_no_sync(model, sync_now), torch.autocast(
-                        device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss, probe_loss, probe_accuracy = model(batch.view1, batch.view2, batch.label, targets,
-                                                             state.phase, fused)
-                ((loss + probe_loss) / accumulate).backward()
-                window_images += len(batch.index) * dist.world_size
-                state.images_seen += len(batch.index) * dist.world_size
-            micro_left -= accumulate
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             momentum = target_momentum(state.step, total_steps, cfg.base_momentum)
-            ema(momentum)
+            micro_batches = []
+            for _ in range(min(cfg.grad_accum, micro_left)):
+                wait_start = time.time()
+                micro_batches.append(next(batches))
+                window_wait += time.time() - wait_start
+            micro_left -= len(micro_batches)
+            loss, probe_loss, probe_accuracy = train_step(
+                model, optimizer, ema, micro_batches, phase=state.phase, bank=bank, lr=lr, momentum=momentum,
+                autocast_dtype=autocast_dtype, fused=fused)
+            seen = sum(len(b.index) for b in micro_batches) * dist.world_size
+            window_images += seen
+            state.images_seen += seen
             state.step += 1
             state.step_in_epoch += 1
             if state.phase == "rela":
@@ -295,35 +287,11 @@ def run(cfg: Config) -> dict | None:
     return summary
 
 
-def _ema_updater(learner: Learner, fused: bool | None):
-    """The target network's EMA step, set up once (the target's parameters become one flat buffer)."""
-    from rela.ops import ema_update_, prepare_ema_
-
-    target, online = learner.nets.target_pair(), learner.nets.online_pair()
-    prepare_ema_(target, online)  # before the optimiser and DDP see the parameters
-
-    def update(momentum: float) -> None:
-        ema_update_(target, online, momentum, fused=fused)
-
-    return update
-
-
 def _rela_phase_over(step: int, fixed_end: int | None, controller: PhaseController, can_read: bool) -> bool:
     if fixed_end is not None:
         return step >= fixed_end
     # Reading the flag is a host sync: only at logging steps, where we sync anyway.
     return can_read and bool(controller.done.item())
-
-
-class _maybe_no_sync:
-    def __init__(self, model: nn.Module, sync: bool):
-        self.context = model.no_sync() if (not sync and isinstance(model, DistributedDataParallel)) else None
-
-    def __enter__(self):
-        return self.context.__enter__() if self.context else None
-
-    def __exit__(self, *exc):
-        return self.context.__exit__(*exc) if self.context else False
 
 
 def _gather_objects(obj, dist: dist_utils.DistInfo) -> list:

@@ -1,0 +1,57 @@
+"""One optimiser step of the trainer, shared by the training loop and benchmarks/throughput.py."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from rela.data.loader import TrainBatch
+from rela.methods.learner import Learner
+from rela.prior.target_bank import TargetBank
+
+
+def make_ema_updater(learner: Learner, fused: bool | None) -> Callable[[float], None]:
+    """The target network's EMA step. Call before building the optimiser and DDP: the target's and the
+    online network's parameters become views into one flat buffer each (one kernel launch per step)."""
+    from rela.ops import ema_update_, prepare_ema_
+
+    target, online = learner.nets.target_pair(), learner.nets.online_pair()
+    prepare_ema_(target, online)
+
+    def update(momentum: float) -> None:
+        ema_update_(target, online, momentum, fused=fused)
+
+    return update
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ema: Callable[[float], None],
+               micro_batches: list[TrainBatch], *, phase: str, bank: TargetBank | None, lr: float, momentum: float,
+               autocast_dtype: torch.dtype | None, fused: bool | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward and backward over the micro-batches (gradients accumulated; DDP syncs on the last), one
+    optimiser step, one EMA step. Returns the last micro-batch's (loss, probe loss, probe accuracy), on
+    the device: nothing here waits for the GPU."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    last = len(micro_batches) - 1
+    for i, batch in enumerate(micro_batches):
+        targets = bank.lookup(batch.index) if phase == "rela" else None
+        no_sync = model.no_sync() if (i < last and isinstance(model, DistributedDataParallel)) else _nothing()
+        with no_sync, torch.autocast(batch.view1.device.type, dtype=autocast_dtype,
+                                     enabled=autocast_dtype is not None):
+            loss, probe_loss, probe_accuracy = model(batch.view1, batch.view2, batch.label, targets, phase, fused)
+        ((loss + probe_loss) / len(micro_batches)).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema(momentum)
+    return loss.detach(), probe_loss.detach(), probe_accuracy
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
