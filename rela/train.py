@@ -215,9 +215,14 @@ def run(cfg: Config) -> dict | None:
             micro_batches = []
             for _ in range(min(cfg.grad_accum, micro_left)):
                 wait_start = time.time()
-                micro_batches.append(next(batches))
+                batch = next(batches, None)  # None: the epoch's last batches held only skipped files
                 window_wait += time.time() - wait_start
-            micro_left -= len(micro_batches)
+                if batch is not None:
+                    micro_batches.append(batch)
+            micro_left = max(micro_left - cfg.grad_accum, 0) if micro_batches else 0
+            if not micro_batches:
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                continue
             loss, probe_loss, probe_accuracy = train_step(
                 model, optimizer, ema, micro_batches, phase=state.phase, bank=bank, lr=lr, momentum=momentum,
                 autocast_dtype=autocast_dtype, fused=fused)
@@ -264,7 +269,7 @@ def run(cfg: Config) -> dict | None:
     summary = _evaluate(cfg, learner.nets.backbone, splits, train_source, device, dist, crop_fraction, autocast_dtype,
                         use_dali)
     state.elapsed_s += time.time() - segment_start[0]
-    skipped = getattr(train_source, "skipped", set())
+    skipped = set(getattr(train_source, "skipped", set())) | set(getattr(loader, "skipped", set()))
     replica_digests = _gather_objects(state_digest(learner), dist)
     summary.update({
         "replica_weights_identical": len(set(replica_digests)) == 1, "replica_weight_digests": replica_digests,

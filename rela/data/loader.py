@@ -44,7 +44,7 @@ def _pil_square(image: np.ndarray, size: int, crop_fraction: float | None) -> np
         pil = pil.resize((new_w, new_h), Image.BILINEAR, reducing_gap=3.0)
         left, top = (new_w - size) // 2, (new_h - size) // 2
         pil = pil.crop((left, top, left + size, top + size))
-    return np.asarray(pil).transpose(2, 0, 1)
+    return np.array(pil).transpose(2, 0, 1)  # writable: torch.from_numpy warns on read-only arrays
 
 
 class _DecodedFiles(Dataset):
