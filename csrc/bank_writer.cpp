@@ -121,8 +121,9 @@ void BankWriter::run() {
           work_ready_.wait(lock, woken);
         } else {
           // Wake up for a due flush even when the prior is slow to send the next batch.
-          const auto deadline = last_flush + std::chrono::duration_cast<std::chrono::steady_clock::duration>(flush_interval_);
-          work_ready_.wait_until(lock, deadline, woken);
+          using Clock = std::chrono::steady_clock;
+          const Clock::time_point due = last_flush + std::chrono::duration_cast<Clock::duration>(flush_interval_);
+          work_ready_.wait_until(lock, due, woken);
         }
         if (!queue_.empty()) {
           job = std::move(queue_.front());

@@ -26,11 +26,10 @@ from rela.prior.raw_features import build_raw_features, read_bank_state
 
 _C = pytest.importorskip("rela._C", reason="rela._C is not built: pip install --no-build-isolation -e .")
 
-_spec = importlib.util.spec_from_file_location("raw_features_worker", Path(__file__).with_name("raw_features_worker.py"))
+WORKER = Path(__file__).with_name("raw_features_worker.py")
+_spec = importlib.util.spec_from_file_location("raw_features_worker", WORKER)
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
-
-WORKER = Path(__file__).with_name("raw_features_worker.py")
 KEY = "test-key"
 # Largest relative error of a stored row against the float64 reference: one rounding to the storage dtype
 # (float16: 2^-11 ~ 4.9e-4; float32: two roundings of 2^-24).
@@ -174,6 +173,24 @@ def test_progress_counts_rows_up_to_the_shard(tmp_path):
     assert calls[0] == (0, 23) and calls[-1] == (23, 23)
     assert [done for done, _ in calls] == sorted(done for done, _ in calls)
     assert len(calls) == 1 + math.ceil(23 / 5)
+
+
+@pytest.mark.parametrize("flush_seconds", [0.5, 60.0])
+def test_rows_are_flagged_on_the_flush_timer_while_the_prior_runs(tmp_path, flush_seconds):
+    path = tmp_path / "bank.raw"
+    flagged = []
+
+    def progress(done, total):
+        if 0 < done < total:
+            flagged.append(read_bank_state(path)["rows_done"])
+
+    # Batches every 0.3 s: with a 0.5 s timer the writer flags rows between batches, not only at the end.
+    build(path, 20, 8, 4, prior=worker.make_prior(8, delay=0.3), flush_seconds=flush_seconds, progress=progress)
+    if flush_seconds < 1:
+        assert flagged[-1] >= 4
+    else:
+        assert flagged == [0, 0, 0, 0]
+    assert read_bank_state(path)["rows_done"] == 20
 
 
 # ---------------------------------------------------------------------------------------------- ranks
