@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,7 +49,7 @@ class TrainState:
     images_seen: int = 0
     elapsed_s: float = 0.0
     target_bank_s: float = 0.0
-    skipped_corrupt: list = field(default_factory=list)
+    online_probe_top1: float | None = None  # at the last logging step
 
 
 def pick_device(name: str) -> torch.device:
@@ -160,7 +160,9 @@ def run(cfg: Config) -> dict | None:
     # Schedule, loader, controller
     sampler = BudgetSampler(len(splits.train), cfg.budget, micro_batch, seed=cfg.seed, rank=dist.rank,
                             world_size=dist.world_size)
-    normalize = Normalize(splits.mean, splits.std, device, dtype=torch.float32, channels_last=channels_last)
+    # Views leave the loader in the autocast dtype (bf16 on CUDA) and layout the model wants.
+    normalize = Normalize(splits.mean, splits.std, device, dtype=autocast_dtype or torch.float32,
+                          channels_last=channels_last)
     loader = build_train_loader(cfg, splits, train_source, sampler, normalize, seed=cfg.seed * 7919 + dist.rank,
                                 use_dali=use_dali)
     steps_per_epoch = -(-sampler.steps_per_epoch // cfg.grad_accum)
@@ -242,6 +244,7 @@ def run(cfg: Config) -> dict | None:
                           "lr": lr, "momentum": momentum, "images_per_s": window_images / max(elapsed, 1e-9),
                           "data_wait_fraction": window_wait / max(elapsed, 1e-9)}
                 log.metrics(record)
+                state.online_probe_top1 = record["online_probe_top1"]
                 bar.update(0, loss=f"{record['loss']:.4f}", phase=state.phase, rho=f"{record['rho']:.4f}")
                 window_start, window_images, window_wait = time.time(), 0, 0.0
             bar.update(1)
@@ -273,7 +276,8 @@ def run(cfg: Config) -> dict | None:
     replica_digests = _gather_objects(state_digest(learner), dist)
     summary.update({
         "replica_weights_identical": len(set(replica_digests)) == 1, "replica_weight_digests": replica_digests,
-        "wall_clock_s": state.elapsed_s, "train_steps": state.step, "images_seen": state.images_seen,
+        "online_probe_top1": state.online_probe_top1, "wall_clock_s": state.elapsed_s, "train_steps": state.step,
+        "images_seen": state.images_seen,
         "rela_phase_end_step": state.rela_phase_end_step, "target_bank_s": state.target_bank_s,
         "rela_plateau_step": int(controller.plateau_step.item()) if bank is not None else None,
         "prior": cfg.prior, "budget": cfg.budget, "epochs": cfg.epochs, "world_size": dist.world_size,
@@ -323,7 +327,7 @@ def _evaluate(cfg: Config, backbone: nn.Module, splits: DatasetSplits, train_sou
     val_source = build_image_source(cfg, splits.val, device, use_dali)
     normalize = Normalize(splits.mean, splits.std, device)
     common = dict(size=cfg.image_size, crop_fraction=crop_fraction, normalize=normalize,
-                  batch_size=cfg.eval_batch_size, dist=dist, autocast_dtype=autocast_dtype)
+                  batch_size=cfg.eval_batch_size, dist=dist, autocast_dtype=autocast_dtype, show_progress=cfg.progress)
     train_x, train_y = extract_features(backbone, train_source, **common)
     val_x, val_y = extract_features(backbone, val_source, **common)
     linear = linear_probe_accuracy(train_x, train_y, val_x, val_y, splits.num_classes, epochs=cfg.probe_epochs,

@@ -7,11 +7,12 @@ from torch import nn
 
 from rela.data.views import Normalize, resize_center_crop
 from rela.utils import distributed as dist_utils
+from rela.utils.progress import Progress
 
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, source, *, size: int, crop_fraction: float, normalize: Normalize,
-                     batch_size: int, dist: dist_utils.DistInfo, autocast_dtype=None
+                     batch_size: int, dist: dist_utils.DistInfo, autocast_dtype=None, show_progress: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (features (N, F) float32, labels (N,)) in dataset order on `source.device`; each rank
     encodes a contiguous block and the blocks are gathered."""
@@ -22,11 +23,15 @@ def extract_features(backbone: nn.Module, source, *, size: int, crop_fraction: f
     was_training = backbone.training
     backbone.eval()
     feats, indices = [], []
+    bar = Progress(total=len(mine), desc=f"features {source.dataset.name}", unit="img",
+                   enabled=dist.is_main and show_progress)
     for images, index in source.iterate(batches, mode="eval", size=size, crop_fraction=crop_fraction):
         x = normalize(resize_center_crop(images, size, 1.0))
         with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             feats.append(backbone(x).float())
         indices.append(index)
+        bar.update(len(index))
+    bar.close()
     backbone.train(was_training)
     device = source.device
     local = torch.cat(feats) if feats else torch.zeros((0, backbone.feature_dim), device=device)
