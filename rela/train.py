@@ -46,6 +46,7 @@ class TrainState:
     step_in_epoch: int = 0
     phase: str = "byol"
     rela_phase_end_step: int | None = None
+    rela_phase_ended_by: str | None = None  # "plateau", "fraction", or "end of training"
     images_seen: int = 0
     elapsed_s: float = 0.0
     target_bank_s: float = 0.0
@@ -250,6 +251,7 @@ def run(cfg: Config) -> dict | None:
             bar.update(1)
             if state.phase == "rela" and _rela_phase_over(state.step, rela_end_fixed, controller, log_now):
                 state.phase, state.rela_phase_end_step = "byol", state.step
+                state.rela_phase_ended_by = "plateau" if rela_end_fixed is None else "fraction"
                 loader.set_view_mode("byol")
                 log.info(f"RELA phase over at step {state.step} (rho {controller.rho.item():.4f}); BYOL from here")
             if micro_left == 0:
@@ -267,6 +269,9 @@ def run(cfg: Config) -> dict | None:
         dist_utils.shutdown()
         return None
 
+    if state.phase == "rela":  # the loss never plateaued: the whole run was the RELA phase
+        state.rela_phase_end_step, state.rela_phase_ended_by = state.step, "end of training"
+
     # Evaluation and summary
     dist_utils.broadcast_buffers_(learner)
     summary = _evaluate(cfg, learner.nets.backbone, splits, train_source, device, dist, crop_fraction, autocast_dtype,
@@ -278,7 +283,8 @@ def run(cfg: Config) -> dict | None:
         "replica_weights_identical": len(set(replica_digests)) == 1, "replica_weight_digests": replica_digests,
         "online_probe_top1": state.online_probe_top1, "wall_clock_s": state.elapsed_s, "train_steps": state.step,
         "images_seen": state.images_seen,
-        "rela_phase_end_step": state.rela_phase_end_step, "target_bank_s": state.target_bank_s,
+        "rela_phase_end_step": state.rela_phase_end_step, "rela_phase_ended_by": state.rela_phase_ended_by,
+        "target_bank_s": state.target_bank_s,
         "rela_plateau_step": int(controller.plateau_step.item()) if bank is not None else None,
         "prior": cfg.prior, "budget": cfg.budget, "epochs": cfg.epochs, "world_size": dist.world_size,
         "skipped_corrupt": len(skipped), "device": str(device),

@@ -71,6 +71,22 @@ def test_rela_then_byol_switches_at_the_fraction(tmp_path):
     assert phases[0] == "rela" and phases[-1] == "byol"
 
 
+def test_adaptive_rule_hands_over_at_a_logging_step(tmp_path):
+    # rho starts at exp(-1) = 0.37 and rises as the slow average catches up: 0.6 is crossed early.
+    summary = train(tmp_path, "--prior", "rand", "--budget", "0.5", "--epochs", "3", "--rela-threshold", "0.6",
+                    "--log-every", "5")
+    assert summary["rela_phase_ended_by"] == "plateau"
+    end = summary["rela_phase_end_step"]
+    assert 0 < end < summary["train_steps"] and end % 5 == 0
+    assert summary["rela_plateau_step"] <= end  # crossed on the device, seen by the host at the next log
+
+
+def test_rela_phase_lasting_the_whole_run_is_reported(tmp_path):
+    summary = train(tmp_path, "--prior", "rand", "--budget", "0.2", "--epochs", "1")
+    assert summary["rela_phase_ended_by"] == "end of training"
+    assert summary["rela_phase_end_step"] == summary["train_steps"]
+
+
 def test_target_bank_is_reused_and_rebuilt_when_the_key_changes(tmp_path, capsys):
     first = train(tmp_path, "--prior", "rand", "--budget", "0.2", name="a")
     second = train(tmp_path, "--prior", "rand", "--budget", "0.2", name="b")
