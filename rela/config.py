@@ -77,7 +77,7 @@ class Config:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "digits": dict(arch="small_resnet", image_size=16, epochs=60, batch_size=64, optimizer="adamw", lr=2e-3,
+    "digits": dict(arch="small_resnet", image_size=16, epochs=30, batch_size=64, optimizer="adamw", lr=2e-3,
                    weight_decay=1e-4, warmup_epochs=2, base_momentum=0.99, proj_hidden=512, proj_dim=128,
                    budget=0.2, workers=0, bank_batch_size=256, knn_k=20, probe_epochs=100, log_every=10,
                    ckpt_every=200),
