@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("nvidia.dali")
+import nvidia.dali  # noqa: F401  (the [dali] extra; a missing install must fail, not skip)
 
 from rela.data.budget import BudgetSampler  # noqa: E402
 from rela.data.dali import (DaliImageSource, DaliTrainLoader, dali_available, draw_view_params,  # noqa: E402
