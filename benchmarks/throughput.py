@@ -1,0 +1,699 @@
+"""What does RELA save? Step throughput, loader speed, target-bank cost and end-to-end wall-clock, in one run.
+
+    python benchmarks/throughput.py [--out DIR] [--quick] [--preset h100] [--device cpu|cuda]
+        [--dataset digits] [--data PATH] [--arch A] [--batch-size B] [--image-size S] [--precision fp32|bf16]
+        [--prior rand] [--budgets 0.1 0.2 0.5] [--seeds 3] [--epochs N] [--probe-epochs N] [--skip PART ...]
+
+1. Step throughput (images/s; each image is two views): rela.step.train_step, the trainer's own step, on a
+   Learner built as rela/train.py builds it (no DDP), on synthetic batches resident on the device: a BYOL
+   step, a RELA-phase step (no target-network forward), each with the fused ops on and off, next to a plain
+   supervised step (cross-entropy, SGD) of the same backbone on the same batch and the prior's forward.
+   Interleaved rounds (every method once per round), the median; CUDA events on a GPU. On the CPU the
+   fused path would be Triton's interpreter, which is not timed. The loader's own images/s on the dataset
+   (TorchTrainLoader; DALI too where installed and on a GPU) says whether the step or the loader bounds.
+2. Target bank: a fresh bank built with prepare_target_bank for the chosen prior; seconds per 1,000 images.
+3. Wall-clock saving: rela.train.run for BYOL at 100% (--prior none --budget 1.0) and RELA at each budget,
+   each seed, a fresh bank folder per run so the bank build is counted in wall_clock_s (which also holds
+   the evaluation). Reports per-seed and mean wall-clock, images seen, linear-probe and kNN accuracy, and
+   per budget the wall-clock ratio (RELA / BYOL-100%) and the accuracy delta (RELA - BYOL-100%, in points).
+4. A projection to ImageNet-1K ResNet-50 on 8 GPUs from the measured ResNet-50 step (on the CPU measured
+   at a small resolution and scaled by pixel count): a projection, not a measurement.
+
+--out DIR writes DIR/throughput.json (with benchmarks.timing.environment()) and DIR/throughput.png
+(accuracy against wall-clock, one point per run; --name changes the stem). --preset h100 adds ResNet-18
+(CIFAR stem, 32 px, batch 512) and ResNet-50 (224 px, batch 256), bf16 autocast + channels_last on CUDA.
+A benchmark never asserts a speed; it reports.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.util
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.loader import batches_forever, take  # noqa: E402
+from benchmarks.prior import interleaved  # noqa: E402
+from benchmarks.timing import environment, print_table, time_fn, write_json  # noqa: E402
+from rela.config import PRESETS, Config, resolve_config  # noqa: E402
+from rela.data.budget import BudgetSampler  # noqa: E402
+from rela.data.datasets import load_dataset  # noqa: E402
+from rela.data.loader import TrainBatch  # noqa: E402
+from rela.data.views import Normalize, resize_center_crop  # noqa: E402
+from rela.errors import RelaError  # noqa: E402
+from rela.methods.byol import ByolNetworks  # noqa: E402
+from rela.methods.learner import Learner  # noqa: E402
+from rela.methods.rela import RelaMap  # noqa: E402
+from rela.models.backbones import build_backbone  # noqa: E402
+from rela.optim import build_optimizer  # noqa: E402
+from rela.prior.specs import load_prior  # noqa: E402
+from rela.prior.target_bank import TargetBank, prepare_target_bank  # noqa: E402
+from rela.step import make_ema_updater, train_step  # noqa: E402
+from rela.train import build_image_source, build_train_loader, choose_loader, run  # noqa: E402
+from rela.utils.distributed import DistInfo  # noqa: E402
+from rela.utils.progress import RunLog  # noqa: E402
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+PROJECTION_SIZE = 224
+# Forward-equivalents per image: BYOL runs 2 views x (online forward + backward (2) + target forward) = 8;
+# a supervised step 1 x (forward + backward) = 3. At equal efficiency BYOL gets 3/8 of supervised images/s.
+BYOL_PARITY = 3 / 8
+
+
+@dataclass
+class StepSetup:
+    """One configuration whose steps are timed."""
+    label: str
+    arch: str
+    batch_size: int
+    image_size: int
+    precision: str  # fp32 | bf16
+    channels_last: bool
+    proj_hidden: int
+    proj_dim: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    base_momentum: float
+    num_classes: int
+
+
+def setup_from_config(label: str, cfg: Config, precision: str, device: torch.device, num_classes: int) -> StepSetup:
+    return StepSetup(label, cfg.arch, cfg.batch_size, cfg.image_size, precision, device.type == "cuda",
+                     cfg.proj_hidden, cfg.proj_dim, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.base_momentum,
+                     num_classes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Step throughput
+# ---------------------------------------------------------------------------------------------------------
+
+class TrainerStep:
+    """The trainer's step (rela.step.train_step) on a Learner built as rela/train.py builds it."""
+
+    def __init__(self, setup: StepSetup, device: torch.device, fused: bool, seed: int = 0):
+        memory_format = torch.channels_last if setup.channels_last else torch.preserve_format
+        backbone = build_backbone(setup.arch, seed=seed)
+        nets = ByolNetworks(backbone, setup.proj_hidden, setup.proj_dim)
+        # The bank is PCA-reduced to the backbone's width, so the map is square.
+        rela_map = RelaMap(backbone.feature_dim, backbone.feature_dim, False, seed=seed + 2)
+        self.learner = Learner(nets, rela_map, setup.num_classes).to(device, memory_format=memory_format)
+        self.ema = make_ema_updater(self.learner, fused)
+        self.lr = setup.lr * setup.batch_size / 256
+        self.optimizer = build_optimizer(self.learner.named_parameters(), setup.optimizer, self.lr,
+                                         setup.weight_decay)
+        self.momentum, self.fused = setup.base_momentum, fused
+        self.autocast_dtype = torch.bfloat16 if setup.precision == "bf16" else None
+        rows = 4 * setup.batch_size
+        self.bank = TargetBank(torch.randn(rows, backbone.feature_dim, device=device), {}, 0.0, reused=False)
+        self.batch = synthetic_batch(setup, device, rows)
+
+    def __call__(self, phase: str) -> None:
+        train_step(self.learner, self.optimizer, self.ema, [self.batch], phase=phase,
+                   bank=self.bank if phase == "rela" else None, lr=self.lr, momentum=self.momentum,
+                   autocast_dtype=self.autocast_dtype, fused=self.fused)
+
+
+class SupervisedStep:
+    """The baseline a BYOL step is compared with: backbone + linear classifier, cross-entropy, SGD."""
+
+    def __init__(self, setup: StepSetup, device: torch.device, batch: TrainBatch):
+        memory_format = torch.channels_last if setup.channels_last else torch.preserve_format
+        backbone = build_backbone(setup.arch, seed=0)
+        self.model = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, setup.num_classes))
+        self.model = self.model.to(device, memory_format=memory_format)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        self.autocast_dtype = torch.bfloat16 if setup.precision == "bf16" else None
+        self.images, self.labels = batch.view1, batch.label
+
+    def __call__(self) -> None:
+        device_type, dtype = self.images.device.type, self.autocast_dtype
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(self.model(self.images), self.labels)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class PriorForward:
+    """The prior's forward as the target bank runs it (a random-init copy of the arch, eval, no grad, fp32)."""
+
+    def __init__(self, setup: StepSetup, device: torch.device, batch: TrainBatch):
+        prior = load_prior("rand", arch=setup.arch, image_size=setup.image_size, seed=1, prior_size=None,
+                           data_mean=(0.5,) * 3, data_std=(0.25,) * 3)
+        self.encoder = prior.encoder.to(device)
+        self.images = batch.view1.float().contiguous()
+
+    def __call__(self) -> None:
+        with torch.no_grad():
+            self.encoder(self.images)
+
+
+def synthetic_batch(setup: StepSetup, device: torch.device, rows: int) -> TrainBatch:
+    """Two normalised views as the loaders deliver them (autocast dtype, the model's layout), bank indices
+    and labels, on the device."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    shape = (setup.batch_size, 3, setup.image_size, setup.image_size)
+    dtype = torch.bfloat16 if setup.precision == "bf16" else torch.float32
+    views = [torch.randn(shape, generator=generator).to(device, dtype) for _ in range(2)]
+    if setup.channels_last:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    index = torch.randint(0, rows, (setup.batch_size,), generator=generator).to(device)
+    label = torch.randint(0, setup.num_classes, (setup.batch_size,), generator=generator).to(device)
+    return TrainBatch(views[0], views[1], index, label)
+
+
+def fused_skip_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "not timed: on the CPU the fused path is Triton's interpreter"
+    if importlib.util.find_spec("triton") is None:
+        return "not timed: Triton is not installed"
+    return None
+
+
+def time_steps(setup: StepSetup, device: torch.device, *, warmup: int, rounds: int, repeats: int) -> list[dict]:
+    """One row per (step, fused): images/s from the median step time over interleaved rounds."""
+    skip = fused_skip_reason(device)
+    fused_modes = [False] if skip else [False, True]
+    learners = {fused: TrainerStep(setup, device, fused) for fused in fused_modes}
+    batch = learners[False].batch
+    methods = {("supervised", None): SupervisedStep(setup, device, batch)}
+    for fused, learner in learners.items():
+        for phase in ("byol", "rela"):
+            methods[(phase, fused)] = lambda learner=learner, phase=phase: learner(phase)
+    methods[("prior forward", None)] = PriorForward(setup, device, batch)
+    for fn in methods.values():  # interleaved() warms each up once more
+        for _ in range(max(warmup - 1, 0)):
+            fn()
+    timings = interleaved({key: (fn, repeats) for key, fn in methods.items()}, rounds=rounds, device=device)
+    rows = []
+    for (step, fused), timing in timings.items():
+        rows.append(step_row(setup, step, fused, timing))
+        if step == "rela" and fused is False and skip:
+            rows.append(step_row(setup, "byol", True, None, skip))
+            rows.append(step_row(setup, "rela", True, None, skip))
+    del learners, methods
+    release_memory(device)
+    order = {"supervised": 0, "byol": 1, "rela": 2, "prior forward": 3}
+    return sorted(rows, key=lambda r: (order[r["step"]], str(r["fused"])))
+
+
+def step_row(setup: StepSetup, step: str, fused: bool | None, timing: dict | None, note: str = "") -> dict:
+    row = {"setup": setup.label, "step": step, "fused": {None: "-", False: "off", True: "on"}[fused],
+           "arch": setup.arch, "batch": setup.batch_size, "size": setup.image_size, "precision": setup.precision,
+           "channels_last": setup.channels_last, "images_per_s": None, "median_ms": None, "p10_ms": None,
+           "p90_ms": None, "rounds": None, "note": note}
+    if timing is not None:
+        row.update(images_per_s=setup.batch_size / timing["median_ms"] * 1e3, median_ms=timing["median_ms"],
+                   p10_ms=timing["p10_ms"], p90_ms=timing["p90_ms"], rounds=timing["repeats"])
+    return row
+
+
+def step_ratios(rows: list[dict]) -> list[dict]:
+    """Per setup and fused mode: RELA-phase over BYOL images/s (goal >= 1.3) and BYOL over supervised
+    images/s (goal >= 0.35; 0.375 is parity, see BYOL_PARITY)."""
+    out = []
+    for setup in dict.fromkeys(r["setup"] for r in rows):
+        ips = {(r["step"], r["fused"]): r["images_per_s"] for r in rows if r["setup"] == setup}
+        for fused in ("off", "on"):
+            byol, rela, supervised = ips.get(("byol", fused)), ips.get(("rela", fused)), ips.get(("supervised", "-"))
+            if byol is None or rela is None:
+                continue
+            out.append({"setup": setup, "fused": fused, "byol_images_per_s": byol, "rela_images_per_s": rela,
+                        "supervised_images_per_s": supervised, "rela_over_byol": rela / byol,
+                        "byol_over_supervised": byol / supervised, "byol_over_supervised_at_parity": BYOL_PARITY})
+    return out
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loader throughput
+# ---------------------------------------------------------------------------------------------------------
+
+def time_loaders(cfg: Config, device: torch.device, precision: str, *, warmup: int, repeats: int) -> list[dict]:
+    """images/s of the trainer's loader on the dataset (both view modes), and of DALI where it would run."""
+    splits = load_dataset(cfg.dataset, cfg.data, split_seed=cfg.seed, val_fraction=cfg.val_fraction)
+    kinds = [False] + ([True] if device.type == "cuda" and choose_loader(cfg, device) else [])
+    channels_last = device.type == "cuda"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # as rela/train.py: the autocast dtype
+    normalize = Normalize(splits.mean, splits.std, device, dtype=dtype, channels_last=channels_last)
+    sampler = BudgetSampler(len(splits.train), 1.0, cfg.batch_size, seed=0)
+    chunk = max(4, 2 * cfg.workers)  # batches per repeat: more than a worker pool keeps buffered
+    rows = []
+    for use_dali in kinds:
+        source = build_image_source(cfg, splits.train, device, use_dali)
+        loader = build_train_loader(cfg, splits, source, sampler, normalize, seed=0, use_dali=use_dali)
+        for mode in ("rela", "byol"):
+            loader.set_view_mode(mode)
+            batches = batches_forever(loader.epoch, lambda b: b)
+            timing = time_fn(lambda: take(batches, chunk), device=device, warmup=warmup, repeats=repeats)
+            batches.close()
+            rows.append({"loader": "dali" if use_dali else "torch", "views": mode, "batch": cfg.batch_size,
+                         "size": cfg.image_size, "images_per_s": chunk * cfg.batch_size / timing["median_ms"] * 1e3,
+                         "median_ms_per_batch": timing["median_ms"] / chunk})
+        del loader, source
+    return rows
+
+
+def bottlenecks(loader_rows: list[dict], step_rows: list[dict], setup_label: str, fused: str) -> list[dict]:
+    """For each loader and view mode: the slower of the loader and the matching step at the dataset's setup."""
+    step_ips = {r["step"]: r["images_per_s"] for r in step_rows if r["setup"] == setup_label and r["fused"] == fused}
+    out = []
+    for row in loader_rows:
+        step = step_ips.get(row["views"])
+        out.append({**row, "step": f"{row['views']} (fused {fused})", "step_images_per_s": step,
+                    "bottleneck": None if step is None else ("loader" if row["images_per_s"] < step else "step")})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Target bank cost
+# ---------------------------------------------------------------------------------------------------------
+
+def build_fresh_bank(cfg: Config, device: torch.device, bank_dir: Path) -> dict:
+    """Builds the bank exactly as rela/train.py does, in an empty folder, and times it."""
+    splits = load_dataset(cfg.dataset, cfg.data, split_seed=cfg.seed, val_fraction=cfg.val_fraction)
+    crop_fraction = 1.0 if splits.in_memory else 0.875
+    source = build_image_source(cfg, splits.train, device, use_dali=False)
+    target_dim = build_backbone(cfg.arch).feature_dim
+    prior = load_prior(cfg.prior, arch=cfg.arch, image_size=cfg.image_size, seed=cfg.seed + 1,
+                       prior_size=cfg.prior_size, data_mean=splits.mean, data_std=splits.std)
+    prior_normalize = Normalize(prior.mean, prior.std, device)
+
+    def load_prior_images(indices: torch.Tensor) -> torch.Tensor:
+        images = source.load(indices, size=prior.input_size, crop_fraction=crop_fraction)
+        return prior_normalize(resize_center_crop(images, prior.input_size, 1.0))
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    bank = prepare_target_bank(
+        prior, load_prior_images, num_rows=len(splits.train), dataset_fingerprint=splits.train.fingerprint(),
+        dataset_name=cfg.dataset, crop_fraction=crop_fraction, target_dim=target_dim, bank_dir=bank_dir,
+        batch_size=cfg.bank_batch_size, dist=DistInfo(), device=device, log=RunLog(None, enabled=False),
+        show_progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    assert not bank.reused, "a fresh bank folder must not hold a bank"
+    return {"seconds": seconds, "images": len(splits.train), "dim": bank.dim, "prior_input_size": prior.input_size}
+
+
+def time_bank(cfg: Config, device: torch.device, repeats: int) -> dict:
+    builds = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory(prefix="rela-bank-bench-") as bank_dir:
+            builds.append(build_fresh_bank(cfg, device, Path(bank_dir)))
+    seconds = statistics.median(b["seconds"] for b in builds)
+    images = builds[0]["images"]
+    return {"prior": cfg.prior, "arch": cfg.arch, "prior_input_size": builds[0]["prior_input_size"],
+            "images": images, "dim": builds[0]["dim"], "builds": len(builds),
+            "seconds_per_build": [b["seconds"] for b in builds], "seconds": seconds,
+            "seconds_per_1000_images": seconds / images * 1000, "images_per_s": images / seconds}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. End-to-end wall-clock
+# ---------------------------------------------------------------------------------------------------------
+
+def end_to_end(base: dict, *, prior: str, budgets: list[float], seeds: int, work_dir: Path) -> list[dict]:
+    """BYOL-100% and RELA at each budget, for each seed, seeds outermost so that load drift on a shared
+    machine hits every method alike. Each run gets an empty bank folder."""
+    runs = []
+    plan = [("byol", "none", 1.0)] + [("rela", prior, b) for b in budgets]
+    for seed in range(seeds):
+        for method, run_prior, budget in plan:
+            name = f"{method}-{budget_label(budget)}-seed{seed}"
+            cfg = resolve_config({**base, "prior": run_prior, "budget": budget, "seed": seed,
+                                  "out": str(work_dir / "runs" / name), "bank_dir": str(work_dir / "banks" / name),
+                                  "progress": False})
+            log_path = work_dir / "runs" / f"{name}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                summary = run(cfg)
+            end = summary["rela_phase_end_step"]
+            row = {"run": name, "method": method, "budget": budget, "seed": seed, "prior": run_prior,
+                   "wall_clock_s": summary["wall_clock_s"], "target_bank_s": summary["target_bank_s"],
+                   "eval_s": summary.get("eval_s"), "train_steps": summary["train_steps"],
+                   "images_seen": summary["images_seen"], "rela_phase_end_step": end,
+                   "rela_phase_ended_by": summary.get("rela_phase_ended_by"),
+                   # Steps spent in the RELA phase: all of them when the phase never ended.
+                   "rela_phase_fraction": 0.0 if method == "byol" else (
+                       1.0 if end is None else end / summary["train_steps"]),
+                   "linear_probe_top1": summary["linear_probe_top1"], "knn_top1": summary["knn_top1"]}
+            runs.append(row)
+            print(f"  {name}: {row['wall_clock_s']:.1f}s (bank {row['target_bank_s']:.1f}s), "
+                  f"{row['train_steps']} steps, {row['images_seen']} images, linear probe "
+                  f"{row['linear_probe_top1']:.2f}%, kNN {row['knn_top1']:.2f}%", flush=True)
+    return runs
+
+
+def budget_label(budget: float) -> str:
+    return f"{100 * budget:g}%"
+
+
+def summarise_runs(runs: list[dict], tolerance_pp: float) -> tuple[list[dict], dict]:
+    """Mean and spread over seeds per (method, budget); per RELA budget the ratios to BYOL-100%."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["budget"]), []).append(r)
+    table = []
+    for (method, budget), rs in groups.items():
+        row = {"run": f"{method}-{budget_label(budget)}", "method": method, "budget": budget, "seeds": len(rs)}
+        for key in ("wall_clock_s", "target_bank_s", "train_steps", "images_seen", "rela_phase_fraction",
+                    "linear_probe_top1", "knn_top1"):
+            values = [r[key] for r in rs]
+            row[key] = statistics.fmean(values)
+            if key in ("wall_clock_s", "linear_probe_top1", "knn_top1"):
+                row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        table.append(row)
+    byol = next(r for r in table if r["method"] == "byol")
+    byol_by_seed = {r["seed"]: r for r in runs if r["method"] == "byol"}
+    budgets = {}
+    for row in table:
+        if row["method"] != "rela":
+            continue
+        row["wall_clock_ratio"] = row["wall_clock_s"] / byol["wall_clock_s"]
+        row["accuracy_delta"] = row["linear_probe_top1"] - byol["linear_probe_top1"]
+        row["knn_delta"] = row["knn_top1"] - byol["knn_top1"]
+        row["matches_byol"] = row["accuracy_delta"] >= -tolerance_pp
+        per_seed = [{"seed": r["seed"], "wall_clock_ratio": r["wall_clock_s"] / byol_by_seed[r["seed"]]["wall_clock_s"],
+                     "accuracy_delta": r["linear_probe_top1"] - byol_by_seed[r["seed"]]["linear_probe_top1"],
+                     "knn_delta": r["knn_top1"] - byol_by_seed[r["seed"]]["knn_top1"]}
+                    for r in runs if r["method"] == "rela" and r["budget"] == row["budget"]]
+        budgets[f"{row['budget']:g}"] = {
+            "budget": row["budget"], "wall_clock_ratio": row["wall_clock_ratio"],
+            "accuracy_delta": row["accuracy_delta"], "knn_delta": row["knn_delta"],
+            "matches_byol_within_pp": tolerance_pp, "matches_byol": row["matches_byol"],
+            "images_seen_ratio": row["images_seen"] / byol["images_seen"], "per_seed": per_seed}
+    return table, budgets
+
+
+def headline(budgets: dict, tolerance_pp: float) -> str:
+    matching = [b for b in budgets.values() if b["matches_byol"]]
+    if not matching:
+        return (f"no RELA budget reached BYOL-100%'s linear-probe accuracy within {tolerance_pp:g} points "
+                f"(best delta {max(b['accuracy_delta'] for b in budgets.values()):+.2f})")
+    best = min(matching, key=lambda b: b["wall_clock_ratio"])
+    return (f"RELA at {budget_label(best['budget'])} reached BYOL-100%'s linear-probe accuracy "
+            f"({best['accuracy_delta']:+.2f} points, tolerance {tolerance_pp:g}) in "
+            f"{best['wall_clock_ratio']:.2f}x its wall-clock, target bank included")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Projection to ImageNet-1K, ResNet-50, 8 GPUs
+# ---------------------------------------------------------------------------------------------------------
+
+def project_imagenet(step_rows: list[dict], setup: StepSetup, fused: str, rela_fraction: dict[float, float],
+                     *, epochs: int, gpus: int, images: int = IMAGENET_TRAIN_IMAGES) -> dict:
+    """Days of a BYOL-100% run and of RELA at each budget, from the measured per-device images/s.
+
+    RELA at budget b trains epochs x b x images, a fraction f of its steps in the RELA phase (at the RELA
+    step's rate) and the rest as BYOL, plus a bank: one prior forward per image, sharded over the GPUs.
+    """
+    ips = {r["step"]: r["images_per_s"] for r in step_rows
+           if r["setup"] == setup.label and r["fused"] in (fused, "-") and r["images_per_s"]}
+    scale = (PROJECTION_SIZE / setup.image_size) ** 2  # conv cost grows with pixels; heads are small
+    byol, rela, prior = (ips[k] / scale for k in ("byol", "rela", "prior forward"))
+    byol_s = epochs * images / (byol * gpus)
+    rows = [{"run": "byol-100%", "budget": 1.0, "rela_phase_fraction": 0.0, "images_trained": epochs * images,
+             "bank_hours": 0.0, "hours": byol_s / 3600, "ratio_to_byol": 1.0}]
+    bank_s = images / (prior * gpus)
+    for budget, f in sorted(rela_fraction.items()):
+        trained = epochs * budget * images
+        seconds = trained * (f / rela + (1 - f) / byol) / gpus + bank_s
+        rows.append({"run": f"rela-{budget_label(budget)}", "budget": budget, "rela_phase_fraction": f,
+                     "images_trained": trained, "bank_hours": bank_s / 3600, "hours": seconds / 3600,
+                     "ratio_to_byol": seconds / byol_s})
+    measured_at = f"{setup.arch} {setup.image_size} px batch {setup.batch_size} {setup.precision}, fused {fused}"
+    basis = (f"measured at {measured_at} on this device" if scale == 1 else
+             f"measured at {measured_at} on this device, scaled by pixel count x{scale:.3g} to {PROJECTION_SIZE} px")
+    return {"what": f"PROJECTION (not a measurement): ImageNet-1K ({images} images), {epochs} epochs, ResNet-50 at "
+                    f"{PROJECTION_SIZE} px on {gpus} of this device, perfect scaling, no data or communication "
+                    f"stalls; per-device images/s {basis}",
+            "per_device_images_per_s": {"byol": byol, "rela": rela, "prior_forward": prior},
+            "epochs": epochs, "gpus": gpus, "images": images, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None, help="write DIR/NAME.json and DIR/NAME.png")
+    parser.add_argument("--name", default="throughput", help="file name stem under --out (default: throughput)")
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU-minutes: 1 seed, budget 0.2, few epochs, few step repeats")
+    parser.add_argument("--preset", choices=("none", "h100"), default="none",
+                        help="h100: also time ResNet-18 (CIFAR stem, 32 px, batch 512) and ResNet-50 (224 px, "
+                             "batch 256), bf16 + channels_last on CUDA")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dataset", default="digits", choices=("digits", "cifar10", "cifar100", "imagefolder"))
+    parser.add_argument("--data", default=None, help="data folder (CIFAR, ImageFolder)")
+    parser.add_argument("--arch", default=None, help="backbone (default: the dataset preset's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the dataset preset's")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the dataset preset's")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                        help="default: bf16 autocast (+ channels_last) on CUDA, fp32 on the CPU")
+    parser.add_argument("--prior", default="rand", help="RELA's prior (rela.train --prior)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=None, help="RELA budgets (default 0.1 0.2 0.5)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per run (default 3, quick 1)")
+    parser.add_argument("--epochs", type=int, default=None, help="end-to-end epochs (default: preset's, quick 8)")
+    parser.add_argument("--probe-epochs", type=int, default=None,
+                        help="linear-probe epochs (default: preset's, quick 30)")
+    parser.add_argument("--tolerance-pp", type=float, default=1.0,
+                        help="RELA matches BYOL-100%% when its mean linear-probe accuracy is at most this many "
+                             "points lower")
+    parser.add_argument("--step-warmup", type=int, default=None)
+    parser.add_argument("--step-rounds", type=int, default=None, help="interleaved rounds; the median of their medians")
+    parser.add_argument("--step-repeats", type=int, default=None, help="steps per method per round")
+    parser.add_argument("--bank-builds", type=int, default=None, help="fresh bank builds to time (default 3, quick 1)")
+    parser.add_argument("--projection-image-size", type=int, default=None,
+                        help="ResNet-50 step size for the projection (default 224 on CUDA; CPU 64, quick 32)")
+    parser.add_argument("--projection-batch-size", type=int, default=None, help="default 256 on CUDA, 8 on the CPU")
+    parser.add_argument("--projection-epochs", type=int, default=PRESETS["imagenet"]["epochs"])
+    parser.add_argument("--projection-gpus", type=int, default=8)
+    parser.add_argument("--projection-rela-fraction", type=float, default=None,
+                        help="fraction of RELA's steps in the RELA phase (default: measured in the end-to-end runs)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("loader", "bank", "e2e", "projection"),
+                        help="parts not to run")
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    args.budgets = args.budgets or ([0.2] if args.quick else [0.1, 0.2, 0.5])
+    args.seeds = args.seeds or (1 if args.quick else 3)
+    args.epochs = args.epochs or (8 if args.quick else None)
+    args.probe_epochs = args.probe_epochs or (30 if args.quick else None)
+    args.step_warmup = args.step_warmup or (10 if cuda else (2 if args.quick else 3))
+    args.step_rounds = args.step_rounds or (2 if args.quick else 5)
+    args.step_repeats = args.step_repeats or (20 if cuda else (3 if args.quick else 5))
+    args.bank_builds = args.bank_builds or (1 if args.quick else 3)
+    args.projection_image_size = args.projection_image_size or (224 if cuda else (32 if args.quick else 64))
+    args.projection_batch_size = args.projection_batch_size or (256 if cuda else 8)
+    return args
+
+
+def plan_setups(args: argparse.Namespace, cfg: Config, num_classes: int, device: torch.device
+                ) -> tuple[list[StepSetup], StepSetup]:
+    """The dataset's setup, the h100 preset's, and the ResNet-50 the projection is made from."""
+    setups = [setup_from_config(cfg.dataset, cfg, args.precision, device, num_classes)]
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    projection = {"image_size": args.projection_image_size, "batch_size": args.projection_batch_size}
+    if args.preset == "h100":
+        if device.type != "cuda":
+            print("note: --preset h100 on the CPU: ResNet-50 at 224 px, batch 256, takes minutes per step")
+        setups.append(setup_from_config("h100-resnet18", resolve_config(
+            {"dataset": "cifar10", "arch": "resnet18_cifar", "image_size": 32, "batch_size": 512}),
+            precision, device, 10))
+        projection = {"image_size": PROJECTION_SIZE, "batch_size": 256}
+    projection_setup = setup_from_config(
+        "h100-resnet50" if args.preset == "h100" else "projection-resnet50",
+        resolve_config({"dataset": "imagefolder", "preset": "imagenet", **projection}), precision, device, 1000)
+    if "projection" not in args.skip or args.preset == "h100":
+        setups.append(projection_setup)
+    return setups, projection_setup
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    notes = ["images/s counts dataset images; each is two augmented views in BYOL and RELA steps, one in the "
+             "supervised step",
+             "steps run on synthetic batches resident on the device (no loader); the loader is timed on its own",
+             "wall_clock_s is the trainer's: target bank (fresh folder per run) + training + evaluation"]
+    if not cuda:
+        notes.append("fused ops on: not timed on the CPU (Triton's interpreter would run); the trainer uses the "
+                     "pure-torch references there")
+        notes.append("on the CPU the loader and the step share the cores: a run goes at about 1/(1/loader + 1/step)")
+
+    # The dataset's configuration: preset, then what was given here.
+    given = {"dataset": args.dataset, "device": args.device, "precision": args.precision, "prior": args.prior}
+    for name in ("data", "arch", "batch_size", "image_size", "epochs", "probe_epochs"):
+        if getattr(args, name) is not None:
+            given[name] = getattr(args, name)
+    try:
+        cfg = resolve_config(given)
+        splits = load_dataset(cfg.dataset, cfg.data, split_seed=cfg.seed, val_fraction=cfg.val_fraction)
+    except RelaError as err:
+        print(f"throughput: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if args.prior == "none":
+        print("throughput: error: --prior none leaves nothing to compare; give RELA's prior", file=sys.stderr)
+        raise SystemExit(1)
+    setups, projection_setup = plan_setups(args, cfg, splits.num_classes, device)
+    payload = {"benchmark": "throughput", "environment": environment(device), "quick": args.quick,
+               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "config": asdict(cfg), "notes": notes, "torch_threads": torch.get_num_threads(),
+               # On a shared machine other work changes every number here; the load says how much there was.
+               "load_average_start": list(os.getloadavg())}
+    print(f"throughput benchmark on {payload['environment']['device']}; {cfg.dataset} ({len(splits.train)} train "
+          f"images), {cfg.arch} {cfg.image_size} px batch {cfg.batch_size} {args.precision}"
+          f"{' channels_last' if cuda else ''}", flush=True)
+
+    seconds, started = {}, time.perf_counter()
+
+    def section_done(name: str) -> None:
+        nonlocal started
+        seconds[name] = time.perf_counter() - started
+        started = time.perf_counter()
+
+    # 1. Step throughput
+    step_rows = []
+    for setup in setups:
+        print(f"timing steps: {setup.label} ({setup.arch} {setup.image_size} px batch {setup.batch_size} "
+              f"{setup.precision})", flush=True)
+        step_rows += time_steps(setup, device, warmup=args.step_warmup, rounds=args.step_rounds,
+                                repeats=args.step_repeats)
+    ratios = step_ratios(step_rows)
+    payload["step"] = {"setups": [asdict(s) for s in setups], "rows": step_rows, "ratios": ratios,
+                       "goals": {"rela_over_byol": 1.3, "byol_over_supervised": 0.35,
+                                 "byol_over_supervised_parity": BYOL_PARITY}}
+    trainer_fused = "on" if fused_skip_reason(device) is None else "off"
+    section_done("step")
+
+    # Loader
+    if "loader" not in args.skip:
+        print("timing the loader", flush=True)
+        loader_rows = time_loaders(cfg, device, args.precision, warmup=2, repeats=5 if args.quick else 10)
+        payload["loader"] = {"rows": bottlenecks(loader_rows, step_rows, setups[0].label, trainer_fused)}
+        section_done("loader")
+
+    # 2. Target bank
+    if "bank" not in args.skip:
+        print(f"timing the target bank ({args.bank_builds} fresh build(s), prior {cfg.prior})", flush=True)
+        payload["target_bank"] = time_bank(cfg, device, args.bank_builds)
+        section_done("bank")
+
+    # 3. End to end
+    if "e2e" not in args.skip:
+        print(f"end-to-end runs: BYOL-100% and RELA at {', '.join(budget_label(b) for b in args.budgets)}, "
+              f"{args.seeds} seed(s), {cfg.epochs} epochs", flush=True)
+        base = {k: v for k, v in given.items() if k != "prior"}
+        with tempfile.TemporaryDirectory(prefix="rela-throughput-") as work_dir:
+            runs = end_to_end(base, prior=args.prior, budgets=args.budgets, seeds=args.seeds, work_dir=Path(work_dir))
+        table, budgets = summarise_runs(runs, args.tolerance_pp)
+        payload["end_to_end"] = {"runs": runs, "summary": table, "budgets": budgets,
+                                 "headline": headline(budgets, args.tolerance_pp)}
+        if "target_bank" in payload:
+            rela_runs = [r for r in runs if r["method"] == "rela"]
+            payload["target_bank"]["in_runs_seconds_mean"] = statistics.fmean(r["target_bank_s"] for r in rela_runs)
+        section_done("e2e")
+
+    # 4. Projection
+    if "projection" not in args.skip:
+        if args.projection_rela_fraction is not None:
+            fractions = {b: args.projection_rela_fraction for b in args.budgets}
+            source = "--projection-rela-fraction"
+        elif "end_to_end" in payload:
+            fractions = {b: statistics.fmean(r["rela_phase_fraction"] for r in payload["end_to_end"]["runs"]
+                                             if r["method"] == "rela" and r["budget"] == b) for b in args.budgets}
+            source = "measured in this run's end-to-end RELA runs at each budget"
+        else:
+            fractions, source = {b: 1.0 for b in args.budgets}, "assumed 1.0 (no end-to-end runs)"
+        payload["projection"] = project_imagenet(step_rows, projection_setup, trainer_fused, fractions,
+                                                 epochs=args.projection_epochs, gpus=args.projection_gpus)
+        payload["projection"]["rela_phase_fraction_source"] = source
+
+    payload["benchmark_seconds"] = seconds
+    payload["load_average_end"] = list(os.getloadavg())
+    report(payload)
+    if args.out is not None:
+        path = write_json(args.out / f"{args.name}.json", payload)
+        print(f"wrote {path}")
+        if "end_to_end" in payload:
+            from benchmarks.throughput_plot import plot_accuracy_vs_wall_clock
+            png = plot_accuracy_vs_wall_clock(payload["end_to_end"]["runs"], args.out / f"{args.name}.png",
+                                              title=f"{cfg.dataset}, {cfg.arch}, {cfg.epochs} epochs, "
+                                                    f"{payload['environment']['device']}",
+                                              tolerance_pp=args.tolerance_pp)
+            print(f"wrote {png}")
+    return payload
+
+
+def report(payload: dict) -> None:
+    print("\n== step throughput (images/s; synthetic batches on the device) ==")
+    print_table(payload["step"]["rows"], ["setup", "step", "fused", "arch", "batch", "size", "precision",
+                                          "images_per_s", "median_ms", "p10_ms", "p90_ms", "rounds", "note"])
+    print("\n== step ratios (goals: RELA/BYOL >= 1.3; BYOL/supervised >= 0.35, parity 0.375) ==")
+    print_table(payload["step"]["ratios"], ["setup", "fused", "rela_over_byol", "byol_over_supervised",
+                                            "byol_images_per_s", "rela_images_per_s", "supervised_images_per_s"])
+    if "loader" in payload:
+        print("\n== loader vs step (images/s) ==")
+        print_table(payload["loader"]["rows"], ["loader", "views", "batch", "size", "images_per_s", "step",
+                                                "step_images_per_s", "bottleneck"])
+    if "target_bank" in payload:
+        bank = payload["target_bank"]
+        print("\n== target bank (fresh build) ==")
+        print_table([bank], ["prior", "arch", "prior_input_size", "images", "dim", "builds", "seconds",
+                             "seconds_per_1000_images", "images_per_s", "in_runs_seconds_mean"])
+    if "end_to_end" in payload:
+        e2e = payload["end_to_end"]
+        print("\n== end-to-end runs (wall_clock_s includes the target bank and the evaluation) ==")
+        print_table(e2e["runs"], ["run", "wall_clock_s", "target_bank_s", "train_steps", "images_seen",
+                                  "rela_phase_end_step", "rela_phase_ended_by", "linear_probe_top1", "knn_top1"])
+        print("\n== wall-clock saving (means over seeds; ratio and deltas against BYOL-100%) ==")
+        print_table(e2e["summary"], ["run", "seeds", "wall_clock_s", "wall_clock_s_std", "images_seen",
+                                     "linear_probe_top1", "linear_probe_top1_std", "knn_top1", "wall_clock_ratio",
+                                     "accuracy_delta", "knn_delta", "matches_byol"])
+        print(e2e["headline"])
+    if "projection" in payload:
+        projection = payload["projection"]
+        print(f"\n== {projection['what']}; RELA-phase fraction {projection['rela_phase_fraction_source']} ==")
+        print_table(projection["rows"], ["run", "budget", "rela_phase_fraction", "images_trained", "bank_hours",
+                                         "hours", "ratio_to_byol"])
+    print("\nbenchmark sections took " + ", ".join(f"{k} {v:.0f}s" for k, v in payload["benchmark_seconds"].items()))
+    print(f"torch threads {payload['torch_threads']}; load average (1, 5, 15 min) at start "
+          f"{', '.join(f'{x:.1f}' for x in payload['load_average_start'])}, at end "
+          f"{', '.join(f'{x:.1f}' for x in payload['load_average_end'])}")
+    for note in payload["notes"]:
+        print(f"note: {note}")
+
+
+if __name__ == "__main__":
+    main()
