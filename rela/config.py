@@ -60,7 +60,8 @@ class Config:
     eval_batch_size: int = opt(256, "batch size of feature extraction")
     # Machinery
     seed: int = opt(0, "random seed")
-    out: str = opt("runs/default", "run folder: config.json, metrics.jsonl, checkpoints, summary.json")
+    out: str | None = opt(None, "run folder: config.json, metrics.jsonl, checkpoints, summary.json "
+                                "(default: runs/DATASET-DATE-TIME, a new one each run)")
     resume: str | None = opt(None, "'auto' to continue from the run folder's latest checkpoint, or a checkpoint path")
     device: str = opt("auto", "device", ("auto", "cpu", "cuda"))
     precision: str = opt("auto", "training precision (auto: bf16 autocast on CUDA, fp32 on CPU)", ("auto", "fp32", "bf16"))
@@ -147,13 +148,30 @@ def validate(cfg: Config) -> None:
         if not 0.0 < fraction <= 1.0:
             raise RelaError(f"--rela-phase fraction must be in (0, 1], got {fraction}")
     for name in ("epochs", "batch_size", "grad_accum", "image_size", "log_every", "ckpt_every", "bank_batch_size",
-                 "eval_batch_size", "knn_k"):
+                 "eval_batch_size", "knn_k", "probe_epochs"):
         if getattr(cfg, name) < 1:
             raise RelaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.workers < 0:
         raise RelaError(f"--workers must be >= 0, got {cfg.workers}")
     if cfg.resume not in (None, "auto") and not cfg.resume.endswith(".pt"):
         raise RelaError(f"--resume takes 'auto' or a checkpoint .pt file, got {cfg.resume!r}")
+    if cfg.resume is not None and cfg.out is None:
+        raise RelaError("--resume needs --out: the folder of the run to continue")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise RelaError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
+    for name in ("rela_crop_min_scale", "byol_crop_min_scale"):
+        if not 0.0 < getattr(cfg, name) <= 1.0:
+            raise RelaError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(cfg, name)}")
+    if cfg.knn_temperature <= 0:
+        raise RelaError(f"--knn-temperature must be positive, got {cfg.knn_temperature}")
+    if cfg.stop_after_steps is not None and cfg.stop_after_steps < 1:
+        raise RelaError(f"--stop-after-steps must be at least 1, got {cfg.stop_after_steps}")
+
+
+# Options that fix a run's trajectory: a resumed run must have the same ones.
+TRAJECTORY_OPTIONS = ("dataset", "data", "image_size", "arch", "prior", "prior_seed", "prior_size", "budget", "epochs",
+                      "batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "warmup_epochs", "base_momentum",
+                      "proj_hidden", "proj_dim", "rela_phase", "rela_threshold", "rela_train_map", "seed")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

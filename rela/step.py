@@ -31,22 +31,28 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ema: Callable
                autocast_dtype: torch.dtype | None, fused: bool | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward and backward over the micro-batches (gradients accumulated; DDP syncs on the last), one
-    optimiser step, one EMA step. Returns the last micro-batch's (loss, probe loss, probe accuracy), on
-    the device: nothing here waits for the GPU."""
+    optimiser step, one EMA step. Returns the step's (loss, probe loss, probe accuracy), averaged over its
+    images, on the device: nothing here waits for the GPU."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     last = len(micro_batches) - 1
+    total = sum(len(b.index) for b in micro_batches)
+    step_loss = step_probe_loss = step_probe_accuracy = 0.0
     for i, batch in enumerate(micro_batches):
         targets = bank.lookup(batch.index) if phase == "rela" else None
         no_sync = model.no_sync() if (i < last and isinstance(model, DistributedDataParallel)) else _nothing()
         with no_sync, torch.autocast(batch.view1.device.type, dtype=autocast_dtype,
                                      enabled=autocast_dtype is not None):
             loss, probe_loss, probe_accuracy = model(batch.view1, batch.view2, batch.label, targets, phase, fused)
-        ((loss + probe_loss) / len(micro_batches)).backward()
+        weight = len(batch.index) / total  # each image counts once, whatever its micro-batch's size
+        ((loss + probe_loss) * weight).backward()
+        step_loss = step_loss + loss.detach() * weight
+        step_probe_loss = step_probe_loss + probe_loss.detach() * weight
+        step_probe_accuracy = step_probe_accuracy + probe_accuracy * weight
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ema(momentum)
-    return loss.detach(), probe_loss.detach(), probe_accuracy
+    return step_loss, step_probe_loss, step_probe_accuracy
 
 
 class _nothing:

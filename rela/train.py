@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from rela.config import Config, config_to_dict, parse_config
+from rela.config import TRAJECTORY_OPTIONS, Config, config_to_dict, parse_config
 from rela.data.budget import BudgetSampler
 from rela.data.datasets import DatasetSplits, load_dataset
 from rela.data.loader import ImageSource, TorchTrainLoader, default_decode_size
@@ -102,9 +102,7 @@ def run(cfg: Config) -> dict | None:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed)
-    run_dir = Path(cfg.out)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _run_folder(cfg, dist)
     log = RunLog(run_dir, dist.is_main)
     if cfg.batch_size % (dist.world_size * cfg.grad_accum):
         raise RelaError(f"--batch-size {cfg.batch_size} must divide by ranks x --grad-accum "
@@ -146,6 +144,8 @@ def run(cfg: Config) -> dict | None:
     nets = ByolNetworks(backbone, cfg.proj_hidden, cfg.proj_dim)
     rela_map = RelaMap(backbone.feature_dim, bank.dim, cfg.rela_train_map, seed=cfg.seed + 2) if bank else None
     learner = Learner(nets, rela_map, splits.num_classes)
+    if cfg.sync_bn and device.type != "cuda":
+        raise RelaError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
     if cfg.sync_bn and dist.enabled:
         learner = nn.SyncBatchNorm.convert_sync_batchnorm(learner)
     learner = learner.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -171,18 +171,25 @@ def run(cfg: Config) -> dict | None:
     warmup_steps = max(1, int(cfg.warmup_epochs * steps_per_epoch))
     rela_end_fixed = None if cfg.rela_phase == "adaptive" else max(1, round(float(cfg.rela_phase) * total_steps))
     controller = PhaseController(device, threshold=cfg.rela_threshold)
+    if bank is not None and rela_end_fixed is None and total_steps < controller.earliest_plateau_step():
+        log.info(f"note: the adaptive rule cannot end the RELA phase in {total_steps} steps (its moving averages "
+                 f"need {controller.earliest_plateau_step()} or more): this run stays in RELA throughout; "
+                 "--rela-phase FRACTION hands over to BYOL at a set point")
     state = TrainState(phase="rela" if bank is not None else "byol",
                        target_bank_s=bank.build_seconds if bank else 0.0)
 
     # Resume
-    resume_path = _resume_path(cfg, run_dir)
+    resume_path = _gather_objects(_resume_path(cfg, run_dir), dist)[0]  # rank 0's choice, for every rank
     if resume_path is not None:
         saved = load_checkpoint(resume_path)
+        _check_resumable(saved, cfg, dist, resume_path)
         learner.load_state_dict(saved["learner"])
         optimizer.load_state_dict(saved["optimizer"])
         controller.load_state_dict(saved["controller"])
         loader.load_state_dict(saved["loader"][dist.rank])
         state = TrainState(**saved["train_state"])
+        if dist.is_main:
+            log.trim_metrics(after_step=state.step)  # rows logged after the checkpoint are logged again
         log.info(f"resumed from {resume_path} at step {state.step} (epoch {state.epoch}, phase {state.phase})")
     else:
         loader.set_view_mode(state.phase)
@@ -199,7 +206,8 @@ def run(cfg: Config) -> dict | None:
             segment_start[0] = time.time()
             atomic_torch_save({"learner": standalone_state_dict(learner), "optimizer": optimizer.state_dict(),
                                "controller": controller.state_dict(), "loader": loader_states,
-                               "train_state": state.__dict__, "config": config_to_dict(cfg)},
+                               "train_state": state.__dict__, "config": config_to_dict(cfg),
+                               "world_size": dist.world_size},
                               checkpoint_path(run_dir, state.step))
             prune_checkpoints(run_dir)
         dist_utils.barrier()
@@ -278,6 +286,7 @@ def run(cfg: Config) -> dict | None:
                         use_dali)
     state.elapsed_s += time.time() - segment_start[0]
     skipped = set(getattr(train_source, "skipped", set())) | set(getattr(loader, "skipped", set()))
+    skipped = set().union(*_gather_objects(sorted(skipped), dist))  # every rank's, not only rank 0's
     replica_digests = _gather_objects(state_digest(learner), dist)
     summary.update({
         "replica_weights_identical": len(set(replica_digests)) == 1, "replica_weight_digests": replica_digests,
@@ -317,6 +326,21 @@ def _gather_objects(obj, dist: dist_utils.DistInfo) -> list:
     return gathered
 
 
+def _run_folder(cfg: Config, dist: dist_utils.DistInfo) -> Path:
+    """--out, or a new runs/DATASET-DATE-TIME (named by rank 0). A fresh run never writes into a folder that
+    holds another run's checkpoints: they would be pruned, and --resume auto would pick them up."""
+    if cfg.out is not None:
+        run_dir = Path(cfg.out)
+    else:
+        run_dir = Path(_gather_objects(f"runs/{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}", dist)[0])
+    if cfg.resume is None and latest_checkpoint(run_dir) is not None:
+        raise RelaError(f"{run_dir} already holds a run's checkpoints: --resume auto continues it; "
+                        "pass another --out for a new run")
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
 def _resume_path(cfg: Config, run_dir: Path) -> Path | None:
     if cfg.resume is None:
         return None
@@ -326,6 +350,18 @@ def _resume_path(cfg: Config, run_dir: Path) -> Path | None:
     if not path.is_file():
         raise RelaError(f"--resume {path}: no such checkpoint")
     return path
+
+
+def _check_resumable(saved: dict, cfg: Config, dist: dist_utils.DistInfo, path: Path) -> None:
+    """A resumed run continues the same trajectory: same options that shape it, same number of ranks."""
+    before = saved.get("config", {})
+    now = config_to_dict(cfg)
+    changed = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {now[k]!r}" for k in TRAJECTORY_OPTIONS
+               if before.get(k) != now[k]]
+    if saved.get("world_size", 1) != dist.world_size:
+        changed.append(f"ranks {saved.get('world_size', 1)} -> {dist.world_size}")
+    if changed:
+        raise RelaError(f"cannot resume {path} with other settings: {'; '.join(changed)}")
 
 
 def _evaluate(cfg: Config, backbone: nn.Module, splits: DatasetSplits, train_source, device, dist, crop_fraction,

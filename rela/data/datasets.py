@@ -90,7 +90,8 @@ def decode_image(path: Path, draft_size: int | None = None) -> np.ndarray:
                 # JPEG's DCT scaling decodes at 1/2, 1/4 or 1/8 size for a fraction of the cost.
                 image.draft("RGB", (draft_size, draft_size))
             return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as err:  # PIL reports truncated/corrupt data as these
+    except Exception as err:  # PIL reports bad data as OSError, ValueError, EOFError, struct.error,
+        # DecompressionBombError...: whatever it is, the file is unusable and the user needs its name.
         raise CorruptImageError(path, str(err) or type(err).__name__) from None
 
 
@@ -204,7 +205,7 @@ def _scan_class_folders(root: Path) -> tuple[list[str], np.ndarray, list[str]]:
     for label, cls in enumerate(classes):
         for dirpath, _, names in os.walk(root / cls, followlinks=True):
             for n in sorted(names):
-                if n.lower().endswith(IMAGE_SUFFIXES):
+                if n.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(dirpath, n)):
                     files.append(os.path.relpath(os.path.join(dirpath, n), root))
                     labels.append(label)
     if not files:
@@ -213,7 +214,11 @@ def _scan_class_folders(root: Path) -> tuple[list[str], np.ndarray, list[str]]:
 
 
 def _load_imagefolder(folder: Path, split_seed: int, val_fraction: float) -> DatasetSplits:
+    """ROOT/train/CLASS and ROOT/val/CLASS when both exist; else ROOT/train/CLASS or ROOT/CLASS with a
+    seeded held-out split."""
     train_dir, val_dir = folder / "train", folder / "val"
+    if val_dir.is_dir() and not train_dir.is_dir():
+        raise RelaError(f"{folder} has val/ but no train/")
     if train_dir.is_dir() and val_dir.is_dir():
         files, labels, classes = _scan_class_folders(train_dir)
         val_files, val_labels, val_classes = _scan_class_folders(val_dir)
@@ -222,8 +227,9 @@ def _load_imagefolder(folder: Path, split_seed: int, val_fraction: float) -> Dat
         train = FileImages(train_dir, files, labels, "imagefolder/train")
         val = FileImages(val_dir, val_files, val_labels, "imagefolder/val")
     else:
-        files, labels, classes = _scan_class_folders(folder)
-        full = FileImages(folder, files, labels, "imagefolder")
+        root = train_dir if train_dir.is_dir() else folder
+        files, labels, classes = _scan_class_folders(root)
+        full = FileImages(root, files, labels, "imagefolder")
         train_idx, val_idx = _held_out_split(len(full), split_seed, val_fraction)
         train, val = full.subset(train_idx, "imagefolder/train"), full.subset(val_idx, "imagefolder/val")
     return DatasetSplits(train, val, len(classes), IMAGENET_MEAN, IMAGENET_STD, 0)

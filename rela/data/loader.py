@@ -108,9 +108,9 @@ class ImageSource:
                     raise RelaError(errors[bad[0]])
                 self.skipped.update(int(index[i]) for i in bad)
                 keep = torch.tensor([i for i in range(len(errors)) if not errors[i]], dtype=torch.int64)
-                images, index = images[keep], index[keep]
-                if len(index) == 0:
-                    continue
+                # A batch of only bad files stays, as black images: every rank must run the same steps.
+                if len(keep):
+                    images, index = images[keep], index[keep]
             yield images.to(self.device, non_blocking=True), index
 
     def load(self, indices: torch.Tensor, *, size: int, crop_fraction: float) -> torch.Tensor:

@@ -36,10 +36,11 @@ def extract_features(backbone: nn.Module, source, *, size: int, crop_fraction: f
     device = source.device
     local = torch.cat(feats) if feats else torch.zeros((0, backbone.feature_dim), device=device)
     local_index = torch.cat(indices).to(device) if indices else torch.zeros(0, dtype=torch.int64, device=device)
-    counts = [int(bounds[r + 1] - bounds[r]) for r in range(dist.world_size)]
-    if len(local) != counts[dist.rank]:  # corrupt files skipped: keep rows aligned with their labels
-        counts = None
-    if counts is not None and dist.enabled:
+    if dist.enabled:
+        # Ranks may hold fewer rows than their block when corrupt files were skipped: gather true counts.
+        counts = torch.zeros(dist.world_size, dtype=torch.int64, device=device)
+        counts[dist.rank] = len(local)
+        counts = dist_utils.all_reduce_sum_(counts).tolist()
         features = dist_utils.all_gather_rows(local, counts)
         index = dist_utils.all_gather_rows(local_index, counts)
     else:

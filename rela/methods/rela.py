@@ -5,6 +5,8 @@ map by default (as in the reference code), trainable with --rela-train-map.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -50,6 +52,17 @@ class PhaseController:
         self.rho = torch.tensor(0.0, dtype=torch.float64, device=device)
         self.done = torch.tensor(False, device=device)
         self.plateau_step = torch.tensor(-1, dtype=torch.int64, device=device)
+
+    def earliest_plateau_step(self) -> int:
+        """The first step at which rho can reach the threshold, whatever the loss does. 1 - cos is at
+        most 2, and a loss pinned there brings the averages together fastest."""
+        fast, slow = 1.0, 2.0
+        for step in range(1, 10**6):
+            fast = self.fast_decay * fast + (1 - self.fast_decay) * 2.0
+            slow = self.slow_decay * slow + (1 - self.slow_decay) * fast
+            if math.exp(-max(slow - fast, 0.0)) >= self.threshold:
+                return step
+        return 10**6
 
     @torch.no_grad()
     def update(self, loss: torch.Tensor, step: int) -> None:

@@ -37,6 +37,17 @@ class RunLog:
         if self.enabled:
             tqdm.write(f"[rela {time.time() - self.start:7.1f}s] {message}", file=sys.stderr)
 
+    def trim_metrics(self, after_step: int) -> None:
+        """Drops rows past `after_step` (logged after the checkpoint a run resumes from), atomically."""
+        from rela.utils.checkpoint import atomic_write_bytes
+
+        if self.metrics_path is None or not self.metrics_path.is_file():
+            return
+        rows = self.metrics_path.read_text().splitlines()
+        kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= after_step]
+        if len(kept) != len(rows):
+            atomic_write_bytes(self.metrics_path, "".join(r + "\n" for r in kept).encode())
+
     def metrics(self, record: dict) -> None:
         if self.enabled and self.metrics_path is not None:
             with open(self.metrics_path, "a") as fh:

@@ -29,3 +29,24 @@ def test_torchrun_two_ranks_on_cpu_keep_replicas_identical(tmp_path):
     # Logs come from rank 0 only: each message once.
     assert result.stderr.count("RELA phase over at step") == 1
     assert result.stdout.count("linear_probe_top1=") == 1
+
+
+def test_torchrun_with_skipped_corrupt_files_does_not_hang(tmp_path):
+    """A corrupt file on one rank only: evaluation gathers uneven shards, training keeps steps in step."""
+    from conftest import write_imagefolder
+
+    folder = write_imagefolder(tmp_path / "tree", classes=2, per_class=12)
+    for name in ("img_000.jpg", "img_001.jpg"):  # a whole batch of 2 on one rank, in some epoch
+        bad = folder / "class_0" / name
+        bad.write_bytes(bad.read_bytes()[:64])
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rela.train",
+           *FAST_ARGS, "--dataset", "imagefolder", "--data", str(folder), "--epochs", "2", "--batch-size", "4",
+           "--budget", "1.0", "--prior", "rand", "--skip-corrupt", "--out", str(out), "--bank-dir",
+           str(tmp_path / "banks")]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["replica_weights_identical"]
+    assert summary["skipped_corrupt"] >= 1

@@ -43,3 +43,31 @@ def test_checkpoints_are_complete_files(tmp_path):
     for f in files:
         state = torch.load(f, weights_only=False)
         assert {"learner", "optimizer", "controller", "loader", "train_state"} <= set(state)
+
+
+def test_resume_refuses_other_settings_and_fresh_runs_refuse_used_folders(tmp_path, capsys):
+    banks = ["--bank-dir", str(tmp_path / "banks")]
+    out = ["--out", str(tmp_path / "run")]
+    assert main([*ARGS, *banks, *out, "--stop-after-steps", "5"]) == 0
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    before = checkpoint.read_bytes()
+    assert main([*ARGS, *banks, *out, "--resume", "auto", "--lr", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "--lr 0.002 -> 0.5" in err
+    assert main([*ARGS, *banks, *out]) == 1  # a fresh run would prune and mix with the old one
+    assert "already holds a run's checkpoints" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == before
+
+
+def test_resume_with_gradient_accumulation_gives_same_weights(tmp_path):
+    args = [*ARGS, "--grad-accum", "2", "--batch-size", "32", "--bank-dir", str(tmp_path / "banks")]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--out", str(tmp_path / "split"), "--stop-after-steps", "7"]) == 0
+    assert main([*args, "--out", str(tmp_path / "split"), "--resume", "auto"]) == 0
+    whole = torch.load(tmp_path / "whole" / "backbone.pt")["state_dict"]
+    split = torch.load(tmp_path / "split" / "backbone.pt")["state_dict"]
+    for name in whole:
+        assert torch.equal(whole[name], split[name]), name
+    rows = [json.loads(l) for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), "a resumed run must not leave duplicate metric rows"

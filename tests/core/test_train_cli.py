@@ -33,7 +33,9 @@ def test_default_command_finishes_above_chance(tmp_path):
     """`python -m rela.train` with no arguments: digits, RELA with a rand prior, 20% budget."""
     result = run_cli([], tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "runs" / "default" / "summary.json").read_text())
+    (run_dir,) = (tmp_path / "runs").iterdir()  # runs/digits-DATE-TIME
+    assert run_dir.name.startswith("digits-")
+    summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("linear_probe_top1", "knn_top1", "wall_clock_s", "train_steps", "images_seen",
                 "rela_phase_end_step", "target_bank_s"):
         assert key in summary
@@ -41,9 +43,9 @@ def test_default_command_finishes_above_chance(tmp_path):
     assert summary["prior"] == "rand" and summary["budget"] == 0.2 and summary["target_bank_s"] > 0
     assert summary["wall_clock_s"] < 180
     assert "linear_probe_top1=" in result.stdout
-    config = json.loads((tmp_path / "runs" / "default" / "config.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
     assert config["dataset"] == "digits" and config["prior"] == "rand"
-    records = [json.loads(l) for l in (tmp_path / "runs" / "default" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "phase", "rho", "lr", "momentum", "images_per_s", "data_wait_fraction"} <= set(records[0])
 
 
@@ -145,6 +147,9 @@ def test_priors_from_files_and_runs(tmp_path):
     (["--prior", "magic"], "unknown --prior 'magic'"),
     (["--prior", "torchvision:notanet"], "torchvision has no model 'notanet'"),
     (["--rela-phase", "sometimes"], "--rela-phase must be 'adaptive' or a fraction"),
+    (["--val-fraction", "0"], "--val-fraction must be in (0, 1)"),
+    (["--knn-temperature", "0"], "--knn-temperature must be positive"),
+    (["--sync-bn"], "--sync-bn needs CUDA devices"),
 ])
 def test_bad_options_give_one_clear_message(tmp_path, capsys, args, message):
     code = main([*FAST_ARGS, "--out", str(tmp_path / "run"), "--bank-dir", str(tmp_path / "b"), *args])
@@ -160,6 +165,19 @@ def test_unknown_option_or_choice_exits_non_zero(tmp_path, args, message):
     result = run_cli(args, tmp_path)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_imagefolder_with_train_but_no_val_holds_out_from_train(tmp_path):
+    write_imagefolder(tmp_path / "tree" / "train", classes=3, per_class=10)
+    from rela.data.datasets import load_dataset
+    splits = load_dataset("imagefolder", str(tmp_path / "tree"), val_fraction=0.2)
+    assert splits.num_classes == 3
+    assert len(splits.train) == 24 and len(splits.val) == 6
+    only_val = tmp_path / "other"
+    write_imagefolder(only_val / "val", classes=2, per_class=2)
+    from rela.errors import RelaError
+    with pytest.raises(RelaError, match="has val/ but no train/"):
+        load_dataset("imagefolder", str(only_val))
 
 
 def test_empty_folder_and_unloadable_prior_file(tmp_path, capsys):

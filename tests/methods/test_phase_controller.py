@@ -53,3 +53,12 @@ def test_controller_state_round_trip():
         a.update(torch.tensor(0.4), step)
         b.update(torch.tensor(0.4), step)
     assert a.rho.item() == b.rho.item() and a.fast.item() == b.fast.item()
+
+
+def test_earliest_plateau_step_is_a_true_lower_bound():
+    controller = PhaseController(torch.device("cpu"))
+    earliest = controller.earliest_plateau_step()
+    for losses in ([2.0] * 600, [0.0] * 600, [1.0] * 600, [2.0 if s % 2 else 0.0 for s in range(600)]):
+        _, crossed_at = transcription(losses)
+        assert crossed_at is None or crossed_at >= earliest
+    assert transcription([2.0] * 600)[1] == earliest
