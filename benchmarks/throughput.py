@@ -292,7 +292,7 @@ def build_fresh_bank(cfg: Config, device: torch.device, bank_dir: Path) -> dict:
     """Builds the bank exactly as rela/train.py does, in an empty folder, and times it."""
     splits = load_dataset(cfg.dataset, cfg.data, split_seed=cfg.seed, val_fraction=cfg.val_fraction)
     crop_fraction = 1.0 if splits.in_memory else 0.875
-    source = build_image_source(cfg, splits.train, device, use_dali=False)
+    source = build_image_source(cfg, splits.train, device, choose_loader(cfg, device))
     target_dim = build_backbone(cfg.arch).feature_dim
     prior = load_prior(cfg.prior, arch=cfg.arch, image_size=cfg.image_size, seed=cfg.seed + 1,
                        prior_size=cfg.prior_size, data_mean=splits.mean, data_std=splits.std)
@@ -675,7 +675,7 @@ def report(payload: dict) -> None:
     if "end_to_end" in payload:
         e2e = payload["end_to_end"]
         print("\n== end-to-end runs (wall_clock_s includes the target bank and the evaluation) ==")
-        print_table(e2e["runs"], ["run", "wall_clock_s", "target_bank_s", "train_steps", "images_seen",
+        print_table(e2e["runs"], ["run", "wall_clock_s", "target_bank_s", "eval_s", "train_steps", "images_seen",
                                   "rela_phase_end_step", "rela_phase_ended_by", "linear_probe_top1", "knn_top1"])
         print("\n== wall-clock saving (means over seeds; ratio and deltas against BYOL-100%) ==")
         print_table(e2e["summary"], ["run", "seeds", "wall_clock_s", "wall_clock_s_std", "images_seen",
