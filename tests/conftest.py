@@ -1,40 +1,11 @@
-"""Fixtures shared by the trainer's tests: small ImageFolder and CIFAR trees built in tmp folders."""
+"""Fixtures shared by the trainer's tests (the builders live in tests/builders.py)."""
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-
-def write_imagefolder(root: Path, classes: int = 3, per_class: int = 8, size=(40, 32), seed: int = 0,
-                      fmt: str = "JPEG") -> Path:
-    """class_k/img_i.jpg with a class-dependent colour and noise, so classes are learnable."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for k in range(classes):
-        folder = root / f"class_{k}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            base = np.zeros((size[1], size[0], 3), np.float32)
-            base[..., k % 3] = 180
-            image = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
-            suffix = ".png" if fmt == "PNG" else ".jpg"
-            Image.fromarray(image).save(folder / f"img_{i:03d}{suffix}", format=fmt, quality=90)
-    return root
-
-
-def write_cifar10(root: Path, per_batch: int = 40, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        labels = rng.integers(0, 10, per_batch)
-        data = rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8)
-        with open(root / name, "wb") as fh:
-            pickle.dump({b"data": data, b"labels": labels.tolist()}, fh)
-    return root
+from builders import write_cifar10, write_imagefolder
 
 
 @pytest.fixture
@@ -45,7 +16,3 @@ def imagefolder(tmp_path: Path) -> Path:
 @pytest.fixture
 def cifar10(tmp_path: Path) -> Path:
     return write_cifar10(tmp_path / "cifar")
-
-
-FAST_ARGS = ["--arch", "small_resnet", "--image-size", "16", "--epochs", "1", "--batch-size", "16",
-             "--probe-epochs", "5", "--no-progress", "--workers", "0"]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import FAST_ARGS
+from builders import FAST_ARGS, write_imagefolder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,8 +33,6 @@ def test_torchrun_two_ranks_on_cpu_keep_replicas_identical(tmp_path):
 
 def test_torchrun_with_skipped_corrupt_files_does_not_hang(tmp_path):
     """A corrupt file on one rank only: evaluation gathers uneven shards, training keeps steps in step."""
-    from conftest import write_imagefolder
-
     folder = write_imagefolder(tmp_path / "tree", classes=2, per_class=12)
     for name in ("img_000.jpg", "img_001.jpg"):  # a whole batch of 2 on one rank, in some epoch
         bad = folder / "class_0" / name

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from conftest import FAST_ARGS
+from builders import FAST_ARGS
 from rela.train import main
 from rela.utils.checkpoint import latest_checkpoint
 

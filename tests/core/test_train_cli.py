@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST_ARGS, write_imagefolder
+from builders import FAST_ARGS, write_imagefolder
 from rela.train import main
 
 REPO = Path(__file__).resolve().parents[2]
