@@ -380,12 +380,15 @@ def _evaluate(cfg: Config, backbone: nn.Module, splits: DatasetSplits, train_sou
 
 
 def main(argv: list[str] | None = None) -> int:
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
         cfg = parse_config(argv)
         run(cfg)
     except RelaError as err:
         print(f"rela.train: error: {err}", file=sys.stderr)
         return 1
+    finally:  # main() is also called in-process (tests, benchmarks): leave torch as we found it
+        torch.use_deterministic_algorithms(deterministic_before)
     return 0
 
 
