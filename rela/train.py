@@ -282,15 +282,18 @@ def run(cfg: Config) -> dict | None:
 
     # Evaluation and summary
     dist_utils.broadcast_buffers_(learner)
+    eval_start = time.time()
     summary = _evaluate(cfg, learner.nets.backbone, splits, train_source, device, dist, crop_fraction, autocast_dtype,
                         use_dali)
+    eval_s = time.time() - eval_start
     state.elapsed_s += time.time() - segment_start[0]
     skipped = set(getattr(train_source, "skipped", set())) | set(getattr(loader, "skipped", set()))
     skipped = set().union(*_gather_objects(sorted(skipped), dist))  # every rank's, not only rank 0's
     replica_digests = _gather_objects(state_digest(learner), dist)
     summary.update({
         "replica_weights_identical": len(set(replica_digests)) == 1, "replica_weight_digests": replica_digests,
-        "online_probe_top1": state.online_probe_top1, "wall_clock_s": state.elapsed_s, "train_steps": state.step,
+        "online_probe_top1": state.online_probe_top1, "wall_clock_s": state.elapsed_s, "eval_s": eval_s,
+        "train_steps": state.step,
         "images_seen": state.images_seen,
         "rela_phase_end_step": state.rela_phase_end_step, "rela_phase_ended_by": state.rela_phase_ended_by,
         "target_bank_s": state.target_bank_s,
