@@ -264,10 +264,11 @@ def run(cfg: Config) -> dict | None:
                 log.info(f"RELA phase over at step {state.step} (rho {controller.rho.item():.4f}); BYOL from here")
             if micro_left == 0:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            if state.step % cfg.ckpt_every == 0 or micro_left == 0:
+            checkpointed = state.step % cfg.ckpt_every == 0 or micro_left == 0
+            if checkpointed:
                 save_checkpoint()
             if cfg.stop_after_steps is not None and state.step >= cfg.stop_after_steps and state.epoch < cfg.epochs:
-                if state.step % cfg.ckpt_every and micro_left:
+                if not checkpointed:
                     save_checkpoint()
                 log.info(f"stopping after step {state.step} as asked (--stop-after-steps); resume with --resume auto")
                 stopped_early = True

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +128,3 @@ def _load_run_prior(spec: str, run_dir: Path, prior_size: int | None) -> Prior:
     return Prior(spec, _freeze(_Features(net)), prior_size or saved["image_size"], tuple(saved["mean"]),
                  tuple(saved["std"]), f"run:{saved['arch']}:state={state_digest(net)}")
 
-
-def describe(prior: Prior) -> str:
-    return json.dumps({"spec": prior.spec, "input_size": prior.input_size, "fingerprint": prior.fingerprint})

@@ -65,21 +65,25 @@ def key_differences(stored: dict, wanted: dict) -> list[str]:
             for name in sorted(set(stored) | set(wanted)) if stored.get(name) != wanted.get(name)]
 
 
-def load_bank_file(path: Path, wanted_key: dict, device) -> TargetBank:
-    """Loads an explicitly given bank; any mismatch with this run is an error naming what differs."""
+def _read_bank(path: Path) -> tuple[dict, torch.Tensor]:
+    """(key, targets) of a bank file; RelaError if it is missing or not a bank."""
     if not path.is_file():
         raise RelaError(f"target bank {path} does not exist")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False)
-        stored_key, targets = saved["key"], saved["targets"]
-    except Exception as err:
+        return saved["key"], saved["targets"]
+    except Exception as err:  # torn, foreign or unpicklable: the user's file, not our bug
         raise RelaError(f"cannot read target bank {path}: {err}") from None
+
+
+def load_bank_file(path: Path, wanted_key: dict, device) -> TargetBank:
+    """Loads an explicitly given bank; any mismatch with this run is an error naming what differs."""
+    stored_key, targets = _read_bank(path)
     differences = key_differences(stored_key, wanted_key)
     if differences:
         raise RelaError(f"target bank {path} was built for another setting: {'; '.join(differences)}")
-    expected_shape = (wanted_key["rows"], targets.shape[1])
     if targets.ndim != 2 or targets.shape[0] != wanted_key["rows"] or targets.shape[1] > wanted_key["target_dim"]:
-        raise RelaError(f"target bank {path} has shape {tuple(targets.shape)}, expected {expected_shape[0]} rows "
+        raise RelaError(f"target bank {path} has shape {tuple(targets.shape)}, expected {wanted_key['rows']} rows "
                         f"of at most {wanted_key['target_dim']} dimensions")
     return TargetBank(targets.to(device), stored_key, 0.0, reused=True)
 
@@ -100,13 +104,13 @@ def prepare_target_bank(prior: Prior, load_images, *, num_rows: int, dataset_fin
     path = bank_dir / f"bank-{_slug(dataset_name, prior.spec)}-k{target_dim}.pt"
     if path.is_file():
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=False)
-            differences = key_differences(saved["key"], key)
-        except Exception as err:
-            saved, differences = None, [f"unreadable file ({err})"]
+            stored_key, targets = _read_bank(path)
+            differences = key_differences(stored_key, key)
+        except RelaError as err:  # a cached bank that does not read is rebuilt, not fatal
+            differences = [str(err)]
         if not differences:
-            log.info(f"target bank: reusing {path} ({num_rows} x {saved['targets'].shape[1]})")
-            return TargetBank(saved["targets"].to(device), key, time.time() - start, reused=True)
+            log.info(f"target bank: reusing {path} ({num_rows} x {targets.shape[1]})")
+            return TargetBank(targets.to(device), key, time.time() - start, reused=True)
         log.info(f"target bank: {path} was built for another key, rebuilding: {'; '.join(differences)}")
     targets = _build(prior, load_images, key, path, num_rows=num_rows, batch_size=batch_size, dist=dist,
                      device=device, log=log, show_progress=show_progress)
@@ -134,7 +138,7 @@ def _build(prior: Prior, load_images, key: dict, path: Path, *, num_rows: int, b
         bar.update(done - done_so_far[0])
         done_so_far[0] = done
 
-    raw = build_raw_features(lambda x: encoder(x), load_images, num_rows, feature_dim, raw_path,
+    raw = build_raw_features(encoder, load_images, num_rows, feature_dim, raw_path,
                              _digest(raw_key), batch_size=batch_size, rank=dist.rank,
                              world_size=dist.world_size, device=device, progress=progress)
     bar.close()
