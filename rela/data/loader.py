@@ -3,14 +3,15 @@
 Files are decoded by DataLoader workers to a fixed square (`decode_size`); in-memory arrays live on the
 device whole. Augmentation runs at the step that consumes the batch (see views.py), so switching from
 RELA's views to BYOL's takes effect at exactly the step asked for. Each batch carries its dataset
-indices (the target bank is looked up by them) and labels (for the online probe).
+indices (the target bank is looked up by them), labels (for the online probe) and the view mode it was
+made with. `TorchImageSource` and `TorchTrainLoader` are rela/data/interfaces.py's `ImageSource` and
+`TrainLoader`.
 """
 from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,16 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from rela.data.budget import BudgetSampler
 from rela.data.datasets import ArrayImages, CorruptImageError, FileImages
+from rela.data.interfaces import TrainBatch
 from rela.data.views import Normalize, augment_batch, resize_center_crop, view_pair
 from rela.errors import RelaError
-
-
-@dataclass
-class TrainBatch:
-    view1: torch.Tensor  # (B, 3, S, S) normalised, model dtype/layout
-    view2: torch.Tensor
-    index: torch.Tensor  # (B,) int64 dataset indices, on the device
-    label: torch.Tensor  # (B,) int64, on the device
 
 
 def _pil_square(image: np.ndarray, size: int, crop_fraction: float | None) -> np.ndarray:
@@ -70,7 +64,7 @@ def _collate(samples):
     return torch.stack(images), torch.tensor(indices, dtype=torch.int64), list(errors)
 
 
-class ImageSource:
+class TorchImageSource:
     """Yields (uint8 images (B, 3, S, S) on the device, indices (B,) int64 CPU) for given index batches.
 
     mode 'train': the whole image squashed to `size` (files) or as stored (arrays), for random crops;
@@ -86,8 +80,8 @@ class ImageSource:
         if isinstance(dataset, ArrayImages):
             self._resident = torch.from_numpy(dataset.images).permute(0, 3, 1, 2).contiguous().to(self.device)
 
-    def iterate(self, batches: list[np.ndarray], *, mode: str, size: int, crop_fraction: float = 0.875
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iterate(self, batches: Sequence[np.ndarray], *, mode: str = "eval", size: int,
+                crop_fraction: float = 0.875) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._resident is not None:
             for batch in batches:
                 index = torch.as_tensor(np.asarray(batch), dtype=torch.int64)
@@ -138,7 +132,7 @@ class ImageSource:
 class TorchTrainLoader:
     """Budgeted two-view training batches. `set_view_mode('rela'|'byol')` applies from the next batch."""
 
-    def __init__(self, source: ImageSource, sampler: BudgetSampler, *, image_size: int, decode_size: int,
+    def __init__(self, source: TorchImageSource, sampler: BudgetSampler, *, image_size: int, decode_size: int,
                  normalize: Normalize, seed: int, view_mode: str = "byol",
                  crop_min_scale: dict[str, float | None] | None = None):
         self.source, self.sampler = source, sampler
@@ -154,17 +148,26 @@ class TorchTrainLoader:
     def steps_per_epoch(self) -> int:
         return self.sampler.steps_per_epoch
 
+    @property
+    def view_mode(self) -> str:
+        return self._view_mode
+
+    @property
+    def skipped(self) -> set[int]:
+        return self.source.skipped
+
     def set_view_mode(self, mode: str) -> None:
-        self.view_mode = mode
+        self._view_mode = mode
         self.views = view_pair(mode, self.crop_min_scale.get(mode))
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TrainBatch]:
         batches = self.sampler.batches(epoch, start_step)
         for images, index in self.source.iterate(batches, mode="train", size=self.decode_size):
-            v1 = self.normalize(augment_batch(images, self.views[0], self.image_size, self.generator))
-            v2 = self.normalize(augment_batch(images, self.views[1], self.image_size, self.generator))
+            mode, (spec1, spec2) = self.view_mode, self.views
+            v1 = self.normalize(augment_batch(images, spec1, self.image_size, self.generator))
+            v2 = self.normalize(augment_batch(images, spec2, self.image_size, self.generator))
             index = index.to(self.source.device, non_blocking=True)
-            yield TrainBatch(v1, v2, index, self.labels.index_select(0, index))
+            yield TrainBatch(v1, v2, index, self.labels.index_select(0, index), views=mode)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "view_mode": self.view_mode}
@@ -177,3 +180,8 @@ class TorchTrainLoader:
 def default_decode_size(image_size: int) -> int:
     """Files are decoded to a square a bit larger than the output so random crops keep detail."""
     return int(math.ceil(image_size * 1.15))
+
+
+# Transitional: rela/train.py still imports the old name until it builds its loaders with
+# rela.data.factory.create_loaders. Delete this line then.
+ImageSource = TorchImageSource

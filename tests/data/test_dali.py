@@ -16,11 +16,11 @@ import torch
 import nvidia.dali  # noqa: F401  (the [dali] extra; a missing install must fail, not skip)
 
 from rela.data.budget import BudgetSampler  # noqa: E402
-from rela.data.dali import (DaliImageSource, DaliTrainLoader, dali_available, draw_view_params,  # noqa: E402
-                            hue_degrees)
-from rela.data.dali_pipelines import ARRAYS, VIEW_INPUTS, train_pipeline  # noqa: E402
+from rela.data.dali import DaliImageSource, DaliTrainLoader, dali_available  # noqa: E402
+from rela.data.dali.driver import draw_view_params, hue_degrees  # noqa: E402
+from rela.data.dali.pipelines import ARRAYS, VIEW_INPUTS, train_pipeline  # noqa: E402
 from rela.data.datasets import ArrayImages, CorruptImageError, FileImages, decode_image  # noqa: E402
-from rela.data.loader import ImageSource, TorchTrainLoader, _pil_square  # noqa: E402
+from rela.data.loader import TorchImageSource, TorchTrainLoader, _pil_square  # noqa: E402
 from rela.data.views import (BYOL_VIEWS, Normalize, ViewSpec, _gaussian_blur, _grey, _rotate_hue,  # noqa: E402
                              blur_kernel_size)
 
@@ -156,7 +156,7 @@ def test_eval_in_memory_matches_torch_image_source():
     for mode, size, crop_fraction in [("eval", 32, 0.875), ("eval", 40, 1.0), ("train", 20, 0.875)]:
         got = list(DaliImageSource(dataset, CPU, num_threads=1).iterate(batches, mode=mode, size=size,
                                                                         crop_fraction=crop_fraction))
-        ref = list(ImageSource(dataset, CPU).iterate(batches, mode=mode, size=size, crop_fraction=crop_fraction))
+        ref = list(TorchImageSource(dataset, CPU).iterate(batches, mode=mode, size=size, crop_fraction=crop_fraction))
         for (a, ia), (b, ib) in zip(got, ref):
             assert ia.tolist() == ib.tolist() and a.shape == b.shape
             assert (a.int() - b.int()).abs().float().mean() < 0.6 and (a.int() - b.int()).abs().max() <= 3
@@ -271,6 +271,7 @@ def test_graph_matches_torch_reference_for_fixed_params():
     assert set(params) == set(VIEW_INPUTS)
     pipe = train_pipeline(ARRAYS, batch_size=n, num_threads=1, device_id=None, size=size, mean=(0, 0, 0),
                           std=(1, 1, 1), half=False, channels_last=False)
+    pipe.build()
     pipe.feed_input(ARRAYS, images)
     for view in ("view1_", "view2_"):
         for name, value in params.items():
@@ -320,7 +321,7 @@ def test_view_statistics_agree_with_torch_loader(mode):
     sampler = BudgetSampler(len(dataset), 1.0, 64, seed=0)
     dali = moments(DaliTrainLoader(dataset, sampler, image_size=32, normalize=normalize, seed=1, device=CPU,
                                    view_mode=mode, num_threads=2))
-    torch_loader = TorchTrainLoader(ImageSource(dataset, CPU), sampler, image_size=32, decode_size=40,
+    torch_loader = TorchTrainLoader(TorchImageSource(dataset, CPU), sampler, image_size=32, decode_size=40,
                                     normalize=normalize, seed=1, view_mode=mode)
     reference = moments(torch_loader)
     for (mean, std), (ref_mean, ref_std) in zip(dali, reference):

@@ -1,11 +1,5 @@
-"""NVIDIA DALI loaders behind the torch loader's interface (`--loader dali`).
-
-`DaliTrainLoader` offers what `TorchTrainLoader` offers (`steps_per_epoch`, `set_view_mode`, `epoch`,
-`state_dict`) and `DaliImageSource` what `ImageSource` offers (`iterate`, `load`, `skipped`). On a GPU,
-JPEGs are decoded by nvJPEG (`mixed`, the hardware decoder where present) and both views are made there;
-on the CPU the same graphs run on CPU operators (`device_id=None`). The graphs are in dali_pipelines.py.
-
-How the host drives DALI, and why:
+"""How the host drives a DALI pipeline: reads the files, draws each step's random choices, feeds the
+steps and takes them back in order.
 
 - Steps are fed, not read. The host feeds each step's images through an external source in exactly the
   order `BudgetSampler.batches` gives, so an epoch is this rank's share of the budget's subset, each
@@ -17,8 +11,8 @@ How the host drives DALI, and why:
   random operators. A step's views are thus a function of the step: resuming at `start_step` gives the
   views an uninterrupted run would have had, and feeding a step again gives the same views.
 - The view switch is exact. A step's views are fixed when it is fed, and up to `prefetch` steps are fed
-  ahead of the one being trained on. Each fed step remembers the view pair it was fed with; when
-  `set_view_mode` has changed the pair since, the loader discards the steps in flight and feeds them
+  ahead of the one being trained on. Each fed step remembers the view mode and pair it was fed with;
+  when `set_view_mode` has changed them since, the loader discards the steps in flight and feeds them
   again with the new views before yielding any of them. So every batch yielded after the call has the
   new views, at the cost of recomputing at most `prefetch` batches once per switch.
 - Bad files get the torch loader's handling. The host reads each file and its header (PIL, no decode):
@@ -28,6 +22,8 @@ How the host drives DALI, and why:
   pipeline (DALI drops a pipeline after an error) and feeds the step again without it. Either way a
   CorruptImageError names the file, or with skip_corrupt the sample is dropped and its index added to
   `skipped`. PNG, BMP, TIFF, WebP and PNM files decode (on the CPU, also under `mixed`).
+
+Nothing here imports DALI at module level: rela.data.dali imports without it.
 """
 from __future__ import annotations
 
@@ -41,28 +37,17 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from rela.data.budget import BudgetSampler
 from rela.data.datasets import ArrayImages, CorruptImageError, FileImages, decode_image
-from rela.data.loader import TrainBatch
-from rela.data.views import VIEW_MODES, Normalize, ViewSpec, blur_kernel_size, view_pair
+from rela.data.views import ViewSpec, blur_kernel_size
 
 # What PIL calls the formats DALI's decoder reads (MPO: camera JPEGs with a second picture appended).
 DALI_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"}
 
 
-def dali_available() -> bool:
-    """True when NVIDIA DALI imports (it also runs without a GPU, on CPU operators)."""
-    try:
-        import nvidia.dali.fn  # noqa: F401
-    except (ImportError, OSError, RuntimeError):  # not installed, or its CUDA libraries do not load
-        return False
-    return True
-
-
 # ---- Host side: what a step feeds ------------------------------------------------------------------
 
 @dataclass
-class _HostBatch:
+class HostBatch:
     index: np.ndarray  # (n,) int64 dataset indices
     position: np.ndarray  # (n,) where each sample sits in the batch it was asked for
     data: list[np.ndarray] | np.ndarray  # encoded files, or uint8 (n, H, W, 3)
@@ -71,12 +56,12 @@ class _HostBatch:
     def __len__(self) -> int:
         return len(self.index)
 
-    def keep(self, mask: np.ndarray) -> "_HostBatch":
+    def keep(self, mask: np.ndarray) -> "HostBatch":
         data = [d for d, k in zip(self.data, mask) if k] if isinstance(self.data, list) else self.data[mask]
-        return _HostBatch(self.index[mask], self.position[mask], data, self.sizes[mask])
+        return HostBatch(self.index[mask], self.position[mask], data, self.sizes[mask])
 
 
-class _HostReader:
+class HostReader:
     """Reads index batches for the pipelines: file bytes and header sizes (files, on a thread pool:
     file reads release the GIL) or array slices. Applies the corrupt-file policy."""
 
@@ -92,13 +77,13 @@ class _HostReader:
             return _done(self.read(indices))
         return self._pool.submit(self.read, indices)
 
-    def read(self, indices: np.ndarray) -> _HostBatch:
+    def read(self, indices: np.ndarray) -> HostBatch:
         index = np.asarray(indices, dtype=np.int64).reshape(-1)
         position = np.arange(len(index))
         if not self.files:
             images = self.dataset.images[index]
             sizes = np.tile(np.array(images.shape[1:3], dtype=np.int64), (len(index), 1))
-            return _HostBatch(index, position, images, sizes)
+            return HostBatch(index, position, images, sizes)
         data, sizes, ok = [], np.zeros((len(index), 2), dtype=np.int64), np.ones(len(index), dtype=bool)
         for k, i in enumerate(index.tolist()):
             try:
@@ -110,7 +95,7 @@ class _HostReader:
                 self.skipped.add(i)
                 data.append(None)
                 ok[k] = False
-        return _HostBatch(index, position, data, sizes).keep(ok)
+        return HostBatch(index, position, data, sizes).keep(ok)
 
     def _read_file(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
         from PIL import Image
@@ -128,7 +113,7 @@ class _HostReader:
             raise CorruptImageError(path, f"DALI does not decode {fmt} images (--loader torch does)")
         return encoded, (height, width)
 
-    def drop_undecodable(self, batch: _HostBatch, error: Exception) -> _HostBatch:
+    def drop_undecodable(self, batch: HostBatch, error: Exception) -> HostBatch:
         """`batch` failed in DALI's decoder: finds the files at fault, raises for the first or (skipping)
         returns the batch without them. Re-raises `error` if every file decodes on its own."""
         bad = np.zeros(len(batch), dtype=bool)
@@ -152,10 +137,15 @@ class _HostReader:
 
 
 def _dali_decodes(encoded: list[np.ndarray]) -> np.ndarray:
-    from rela.data.dali_pipelines import ENCODED, decode_pipeline
+    from rela.data.dali.pipelines import ENCODED, decode_pipeline
+
+    def fresh():
+        pipe = decode_pipeline(num_threads=1)
+        pipe.build()
+        return pipe
 
     ok = np.ones(len(encoded), dtype=bool)
-    pipe = decode_pipeline(num_threads=1)
+    pipe = fresh()
     for k, data in enumerate(encoded):
         pipe.feed_input(ENCODED, [data])
         pipe.schedule_run()
@@ -163,7 +153,7 @@ def _dali_decodes(encoded: list[np.ndarray]) -> np.ndarray:
             pipe.outputs()
         except RuntimeError:
             ok[k] = False
-            pipe = decode_pipeline(num_threads=1)
+            pipe = fresh()
     return ok
 
 
@@ -183,7 +173,7 @@ def _done(value) -> Future:
 
 def draw_view_params(spec: ViewSpec, sizes: np.ndarray, out_size: int, rng: np.random.Generator
                      ) -> dict[str, np.ndarray]:
-    """Every random choice of one view for a batch, as dali_pipelines.VIEW_INPUTS.
+    """Every random choice of one view for a batch, as pipelines.VIEW_INPUTS.
 
     sizes: (n, 2) height, width of the images. The crop window follows views.random_crop_boxes
     (RandomResizedCrop: 10 tries, then the whole image). Everything is drawn whatever the spec's
@@ -240,7 +230,7 @@ def hue_degrees(turns: np.ndarray) -> np.ndarray:
 
 def eval_params(sizes: np.ndarray, mode: str, size: int, crop_fraction: float, in_memory: bool
                 ) -> dict[str, np.ndarray]:
-    """The eval graph's inputs (dali_pipelines.EVAL_INPUTS) for ImageSource's two modes.
+    """The eval graph's inputs (pipelines.EVAL_INPUTS) for ImageSource's two modes.
 
     'eval': shorter side to round(size / crop_fraction), then the central size x size, with the torch
     loader's rounding; as one resize of the region the crop keeps. 'train': the whole image, squashed to
@@ -272,8 +262,8 @@ def eval_params(sizes: np.ndarray, mode: str, size: int, crop_fraction: float, i
 @dataclass
 class _Step:
     position: int  # in the list of batches being iterated
-    key: object  # what the step was fed with that may change (the view pair)
-    host: _HostBatch
+    key: object  # what the step was fed with that may change (the view mode and pair)
+    host: HostBatch
 
 
 class _StepFailed(Exception):
@@ -282,7 +272,7 @@ class _StepFailed(Exception):
         self.step, self.error = step, error
 
 
-class _FedPipeline:
+class FedPipeline:
     """One DALI pipeline, fed by the host one step at a time. Steps come out in the order they were fed;
     `in_flight` holds the steps fed and not yet taken."""
 
@@ -357,8 +347,8 @@ class _FedPipeline:
         return out
 
 
-def _run_steps(fed: _FedPipeline, reader: _HostReader, batches: list[np.ndarray],
-               inputs_for: Callable[[_HostBatch, int], dict], key: Callable[[], object], prefetch: int
+def run_steps(fed: FedPipeline, reader: HostReader, batches: list[np.ndarray],
+               inputs_for: Callable[[HostBatch, int], dict], key: Callable[[], object], prefetch: int
                ) -> Iterator[tuple[_Step, list[torch.Tensor]]]:
     """Feeds `batches` in order, keeping up to `prefetch` steps in flight; yields each step with its
     outputs. Steps fed under another `key()` than the current one are fed again before any is yielded.
@@ -395,143 +385,37 @@ def _run_steps(fed: _FedPipeline, reader: _HostReader, batches: list[np.ndarray]
         yield step, outputs
 
 
-# ---- The loaders -----------------------------------------------------------------------------------
+class PipelineDriver:
+    """What each DALI loader drives: a graph of pipelines.py, fed by a HostReader over `dataset`.
 
-class DaliTrainLoader:
-    """Budgeted two-view training batches made by DALI; `TorchTrainLoader`'s interface.
-
-    `set_view_mode('rela'|'byol')` applies to every batch yielded after the call (see the module
-    docstring). `decode_size` is accepted for the torch loader's signature and not used: DALI crops the
-    full-resolution image, as BYOL's RandomResizedCrop does, where the torch loader first squashes files
-    to a decode_size square to batch them.
+    graph: a `@pipeline_def` function taking the input's name (pipelines.ENCODED for files,
+    pipelines.ARRAYS for arrays) and DALI's pipeline arguments; it is built again at each restart.
     """
 
-    def __init__(self, dataset: ArrayImages | FileImages, sampler: BudgetSampler, *, image_size: int,
-                 normalize: Normalize, seed: int, device: torch.device | str, view_mode: str = "byol",
-                 crop_min_scale: dict[str, float | None] | None = None, num_threads: int = 4,
-                 skip_corrupt: bool = False, decode_size: int | None = None, prefetch: int = 2):
-        from rela.data.dali_pipelines import ARRAYS, ENCODED, train_pipeline
+    def __init__(self, dataset: ArrayImages | FileImages, device: torch.device, graph: Callable, *,
+                 num_threads: int, skip_corrupt: bool, prefetch: int):
+        from rela.data.dali.pipelines import ARRAYS, ENCODED
 
-        self.dataset, self.sampler = dataset, sampler
-        self.image_size, self.normalize, self.seed = image_size, normalize, seed
-        self.device = torch.device(device)
-        self.crop_min_scale = crop_min_scale or {}
+        self.reader = HostReader(dataset, skip_corrupt=skip_corrupt, num_threads=num_threads)
+        self.data_name = ENCODED if self.reader.files else ARRAYS
         self.prefetch = max(1, prefetch)
-        self.reader = _HostReader(dataset, skip_corrupt=skip_corrupt, num_threads=num_threads)
-        self.labels = torch.as_tensor(dataset.labels, dtype=torch.int64).to(self.device)
-        half = normalize.dtype in (torch.float16, torch.bfloat16)  # DALI has no bf16: cast after
-        self._out_dtype = normalize.dtype
-        self._channels_last = normalize.channels_last
-        source = self._data_name = ENCODED if self.reader.files else ARRAYS
-        mean, std = normalize.mean.flatten().tolist(), normalize.std.flatten().tolist()
-        # Only views that solarize in some mode get the op (BYOL's second).
-        self._solarize = tuple(any(pair[v].solarize_p > 0 for pair in VIEW_MODES.values()) for v in (0, 1))
-        self._fed = _FedPipeline(
-            lambda batch_size: train_pipeline(
-                source, batch_size=batch_size, num_threads=num_threads, device_id=_device_id(self.device),
-                size=image_size, mean=mean, std=std, half=half, channels_last=normalize.channels_last,
-                solarize=self._solarize),
-            self.device)
-        self.set_view_mode(view_mode)
+        self._graph, self._num_threads = graph, num_threads
+        self.fed = FedPipeline(self._build, device)
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.sampler.steps_per_epoch
+    def _build(self, batch_size: int):
+        pipe = self._graph(self.data_name, batch_size=batch_size, num_threads=self._num_threads,
+                           device_id=_device_id(self.fed.device))
+        pipe.build()
+        return pipe
 
-    @property
-    def skipped(self) -> set[int]:
-        return self.reader.skipped
-
-    def set_view_mode(self, mode: str) -> None:
-        self.view_mode = mode
-        self.views = view_pair(mode, self.crop_min_scale.get(mode))
-
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TrainBatch]:
-        batches = self.sampler.batches(epoch, start_step)
-
-        def inputs_for(host: _HostBatch, position: int) -> dict:
-            # The step's own generator: its views depend on (seed, epoch, step) only.
-            rng = np.random.default_rng([self.seed % 2 ** 63, epoch, start_step + position])
-            inputs = {self._data_name: host.data}
-            for v, (spec, solarize) in enumerate(zip(self.views, self._solarize), start=1):
-                params = draw_view_params(spec, host.sizes, self.image_size, rng)
-                if not solarize:
-                    if spec.solarize_p > 0:
-                        raise ValueError(f"view {v} of this loader's graph has no solarize op")
-                    del params["solarize"]
-                for name, value in params.items():
-                    inputs[f"view{v}_{name}"] = value
-            return inputs
-
-        for step, (view1, view2) in _run_steps(self._fed, self.reader, batches, inputs_for,
-                                               lambda: self.views, self.prefetch):
-            index = torch.from_numpy(step.host.index).to(self.device, non_blocking=True)
-            yield TrainBatch(self._finish(view1), self._finish(view2), index, self.labels.index_select(0, index))
-
-    def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        if self._channels_last:  # DALI wrote (B, H, W, C): the same memory as NCHW channels_last
-            x = x.permute(0, 3, 1, 2)
-        return x.to(self._out_dtype)
-
-    def state_dict(self) -> dict:
-        # The views of a step are drawn from (seed, epoch, step): the mode is the only state.
-        return {"view_mode": self.view_mode}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.set_view_mode(state["view_mode"])
-
-
-class DaliImageSource:
-    """Yields (uint8 images (B, 3, S, S) on the device, indices (B,) int64 CPU) for given index batches,
-    as ImageSource: mode 'eval' is resize + center crop (deterministic; the prior's and the probe's
-    input), mode 'train' the whole image squashed to S (files) or as stored (arrays). Batches come out
-    in the order given, each index once; corrupt files raise, or are dropped and added to `skipped`."""
-
-    def __init__(self, dataset: ArrayImages | FileImages, device: torch.device | str, *, num_threads: int = 4,
-                 skip_corrupt: bool = False, prefetch: int = 2):
-        from rela.data.dali_pipelines import ARRAYS, ENCODED, eval_pipeline
-
-        self.dataset, self.device = dataset, torch.device(device)
-        self.prefetch = max(1, prefetch)
-        self.reader = _HostReader(dataset, skip_corrupt=skip_corrupt, num_threads=num_threads)
-        self._data_name = ENCODED if self.reader.files else ARRAYS
-        self._fed = _FedPipeline(
-            lambda batch_size: eval_pipeline(self._data_name, batch_size=batch_size, num_threads=num_threads,
-                                             device_id=_device_id(self.device)),
-            self.device)
-
-    @property
-    def skipped(self) -> set[int]:
-        return self.reader.skipped
-
-    def iterate(self, batches: list[np.ndarray], *, mode: str = "eval", size: int, crop_fraction: float = 0.875
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for step, images in self._steps(batches, mode, size, crop_fraction):
-            yield images, torch.from_numpy(step.host.index)
-
-    def load(self, indices, *, size: int, crop_fraction: float) -> torch.Tensor:
-        """Eval-preprocessed uint8 images for arbitrary indices. A corrupt file raises, or gives a black
-        image when skipping (its row is never trained on)."""
-        batch = np.asarray(torch.as_tensor(indices).cpu(), dtype=np.int64).reshape(-1)
-        out = torch.zeros((len(batch), 3, size, size), dtype=torch.uint8, device=self.device)
-        for step, images in self._steps([batch], "eval", size, crop_fraction):
-            out[torch.from_numpy(step.host.position).to(self.device)] = images
-        return out
-
-    def _steps(self, batches, mode: str, size: int, crop_fraction: float):
-        if mode not in ("train", "eval"):
-            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
-        in_memory = not self.reader.files
-
-        def inputs_for(host: _HostBatch, position: int) -> dict:
-            return {self._data_name: host.data, **eval_params(host.sizes, mode, size, crop_fraction, in_memory)}
-
-        for step, (images,) in _run_steps(self._fed, self.reader, list(batches), inputs_for, lambda: None,
-                                          self.prefetch):
-            yield step, images
+    def steps(self, batches: list[np.ndarray], inputs_for: Callable[[HostBatch, int], dict],
+              key: Callable[[], object] = lambda: None) -> Iterator[tuple[_Step, list[torch.Tensor]]]:
+        """run_steps on this driver's pipeline and reader."""
+        return run_steps(self.fed, self.reader, batches, inputs_for, key, self.prefetch)
 
 
 def _device_id(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     return device.index if device.index is not None else torch.cuda.current_device()
+

@@ -2,18 +2,22 @@
 
 Each graph is a pure function of what the host feeds it per step: the images (encoded file bytes, or
 uint8 HWC arrays) and, per sample, every random choice of the step (crop window, flip, jitter factors,
-grayscale, blur, solarize), drawn on the host in rela/data/dali.py. The graphs hold no random
-operators, so a step's views are fixed when the step is fed, and feeding it again gives the same views.
+grayscale, blur, solarize), drawn on the host in driver.py. The graphs hold no random operators, so a
+step's views are fixed when the step is fed, and feeding it again gives the same views.
 
-`on_gpu` only moves operators: JPEG decode becomes `mixed` (nvJPEG, the hardware decoder where present)
-and the augmentations run on the GPU; with `on_gpu=False` the same graph runs on CPU operators with
-`device_id=None` (the CPU twin, what the tests exercise).
+Each graph is a `@pipeline_def` function: called with DALI's pipeline arguments (`batch_size`,
+`num_threads`, `device_id`) and its own, it returns an unbuilt Pipeline. `device_id` only moves
+operators: with a GPU, JPEG decode becomes `mixed` (nvJPEG, the hardware decoder where present) and the
+augmentations run on the GPU; with `device_id=None` the same graph runs on CPU operators (the CPU twin,
+what the tests exercise). Every graph has `prefetch_queue_depth=1`: the host decides how many steps are
+in flight (driver.py); a deeper queue makes DALI's first schedule_run run ahead on inputs not fed yet.
 """
 from __future__ import annotations
 
 import nvidia.dali.fn as fn
 import nvidia.dali.math as dmath
 import nvidia.dali.types as types
+from nvidia.dali import pipeline_def
 from nvidia.dali.pipeline import Pipeline
 
 ENCODED = "encoded"  # files: one uint8 1-D array of file bytes per sample
@@ -40,6 +44,11 @@ EVAL_INPUTS = {
 }
 # ITU-R 601 luma, the grey of views.py's reference and of fn.hsv.
 _LUMA = (0.299, 0.587, 0.114)
+
+
+def _on_gpu() -> bool:
+    """Whether the pipeline being defined runs on a GPU (it was given a device_id)."""
+    return Pipeline.current().device_id is not None
 
 
 def _images(source: str, on_gpu: bool):
@@ -92,47 +101,32 @@ def _view(images, prefix: str, *, solarize: bool, on_gpu: bool, size: int, mean,
                                     output_layout=layout)
 
 
-def train_pipeline(source: str, *, batch_size: int, num_threads: int, device_id: int | None, size: int,
-                   mean, std, half: bool, channels_last: bool, solarize: tuple[bool, bool] = (True, True)
-                   ) -> Pipeline:
+@pipeline_def(prefetch_queue_depth=1)
+def train_pipeline(source: str, *, size: int, mean, std, half: bool, channels_last: bool,
+                   solarize: tuple[bool, bool] = (True, True)):
     """Outputs (view1, view2): (B, 3, size, size) float ('CHW') or (B, size, size, 3) ('HWC', for
     channels_last), float16 if `half` else float32, normalised with mean/std (fractions of 1).
     solarize: which views have the solarize op."""
-    on_gpu = device_id is not None
-    # prefetch_queue_depth=1: the host decides how many steps are in flight (rela/data/dali.py); a deeper
-    # queue makes DALI's first schedule_run run ahead on inputs that are not fed yet.
-    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                    prefetch_queue_depth=1)
-    with pipe:
-        images = _images(source, on_gpu)
-        common = dict(on_gpu=on_gpu, size=size, mean=mean, std=std,
-                      dtype=types.FLOAT16 if half else types.FLOAT, layout="HWC" if channels_last else "CHW")
-        pipe.set_outputs(_view(images, "view1_", solarize=solarize[0], **common),
-                         _view(images, "view2_", solarize=solarize[1], **common))
-    pipe.build()
-    return pipe
+    on_gpu = _on_gpu()
+    images = _images(source, on_gpu)
+    common = dict(on_gpu=on_gpu, size=size, mean=mean, std=std,
+                  dtype=types.FLOAT16 if half else types.FLOAT, layout="HWC" if channels_last else "CHW")
+    return (_view(images, "view1_", solarize=solarize[0], **common),
+            _view(images, "view2_", solarize=solarize[1], **common))
 
 
-def eval_pipeline(source: str, *, batch_size: int, num_threads: int, device_id: int | None) -> Pipeline:
+@pipeline_def(prefetch_queue_depth=1)
+def eval_pipeline(source: str):
     """Output: uint8 (B, 3, H, W): each sample's region `roi_start..roi_end` resized (bilinear,
     antialiased) to its `out_size`. Resize + center crop is one resize of the region the crop keeps."""
-    on_gpu = device_id is not None
-    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                    prefetch_queue_depth=1)
-    with pipe:
-        images = _images(source, on_gpu)
-        p = _inputs(EVAL_INPUTS)
-        x = fn.resize(images, roi_start=p["roi_start"], roi_end=p["roi_end"], size=p["out_size"],
-                      interp_type=types.INTERP_LINEAR, antialias=True)
-        pipe.set_outputs(fn.transpose(x, perm=(2, 0, 1)))
-    pipe.build()
-    return pipe
+    images = _images(source, _on_gpu())
+    p = _inputs(EVAL_INPUTS)
+    x = fn.resize(images, roi_start=p["roi_start"], roi_end=p["roi_end"], size=p["out_size"],
+                  interp_type=types.INTERP_LINEAR, antialias=True)
+    return fn.transpose(x, perm=(2, 0, 1))
 
 
-def decode_pipeline(num_threads: int) -> Pipeline:
+@pipeline_def(batch_size=1, device_id=None, prefetch_queue_depth=1)
+def decode_pipeline():
     """CPU decode of one file at a time: finds which file of a failed batch DALI cannot decode."""
-    pipe = Pipeline(batch_size=1, num_threads=num_threads, device_id=None, prefetch_queue_depth=1)
-    with pipe:
-        pipe.set_outputs(_images(ENCODED, on_gpu=False))
-    pipe.build()
-    return pipe
+    return _images(ENCODED, on_gpu=False)
