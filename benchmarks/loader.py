@@ -35,7 +35,7 @@ if __package__ in (None, ""):
 from benchmarks.timing import environment, print_table, time_fn, write_json  # noqa: E402
 from rela.data.budget import BudgetSampler  # noqa: E402
 from rela.data.datasets import IMAGENET_MEAN, IMAGENET_STD, FileImages  # noqa: E402
-from rela.data.loader import ImageSource, TorchTrainLoader, default_decode_size  # noqa: E402
+from rela.data.loader import TorchImageSource, TorchTrainLoader, default_decode_size  # noqa: E402
 from rela.data.views import BYOL_VIEWS, Normalize, ViewSpec, blur_kernel_size  # noqa: E402
 
 IMAGE_SIZE = 224
@@ -146,7 +146,7 @@ def make_loaders(files: FileImages, device: torch.device, batch_size: int, cores
     loaders["torchvision"] = torchvision_loader
 
     def torch_loader():
-        source = ImageSource(files, device, num_workers=cores)
+        source = TorchImageSource(files, device, num_workers=cores)
         loader = TorchTrainLoader(source, sampler, image_size=IMAGE_SIZE, decode_size=default_decode_size(IMAGE_SIZE),
                                   normalize=normalize, seed=0, view_mode="byol")
         return batches_forever(loader.epoch, lambda b: (b.view1, b.view2))
