@@ -41,7 +41,13 @@ class LARS(torch.optim.Optimizer):
 
 
 def _is_excluded(name: str, param: nn.Parameter) -> bool:
-    return param.ndim <= 1  # biases and norm-layer scales/shifts
+    """Biases and norm-layer parameters: no weight decay, no LARS adaptation (BYOL, Grill et al. 2020).
+
+    A bias is known by its name, whatever its shape (a (1, C, 1, 1) bias broadcast over an image is
+    still a bias); norm-layer scales by their shape: in these backbones and heads the only 1-D weights
+    are those of BatchNorm (conv and linear weights have 2 or more dimensions).
+    """
+    return name.rpartition(".")[2] == "bias" or param.ndim <= 1
 
 
 def build_optimizer(named_params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:

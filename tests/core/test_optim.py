@@ -1,0 +1,172 @@
+"""The optimisers against their formulas: LARS (You et al. 2017, as BYOL uses it), the AdamW weight-decay
+split, the warm-up + cosine learning rate and BYOL's target-momentum schedule."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rela.methods.byol import target_momentum
+from rela.models.backbones import build_backbone
+from rela.models.heads import mlp_head
+from rela.optim import build_optimizer, learning_rate
+
+NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+
+
+def _net(seed: int = 0) -> nn.Module:
+    """Conv, linear and BatchNorm layers, as in the learner; conv weights start at zero (trust ratio 1)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 3 * 3, 5),
+                        nn.BatchNorm1d(5), nn.Linear(5, 2))
+    with torch.no_grad():
+        net[0].weight.zero_()
+    return net
+
+
+def _excluded_by_module(model: nn.Module) -> set[str]:
+    """The rule written independently: biases of any layer and every parameter of a norm layer."""
+    names = set()
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            if param_name == "bias" or isinstance(module, NORM_LAYERS):
+                names.add(f"{module_name}.{param_name}" if module_name else param_name)
+    return names
+
+
+def _lars_reference(weights: dict[str, torch.Tensor], grads: list[dict[str, torch.Tensor]], excluded: set[str],
+                    lr: float, weight_decay: float, momentum: float, eta: float) -> dict[str, torch.Tensor]:
+    """LARS in float64: g <- g + wd w; g <- eta ||w|| / ||g|| * g (1 when a norm is 0); v <- m v + g; w <- w - lr v.
+    Excluded parameters skip the first two lines."""
+    w = {n: t.double().clone() for n, t in weights.items()}
+    v: dict[str, torch.Tensor] = {}
+    for step_grads in grads:
+        for n, g in step_grads.items():
+            g = g.double()
+            if n not in excluded:
+                g = g + weight_decay * w[n]
+                w_norm, g_norm = float(w[n].norm()), float(g.norm())
+                g = g * (eta * w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1.0)
+            v[n] = g.clone() if n not in v else momentum * v[n] + g
+            w[n] = w[n] - lr * v[n]
+    return w
+
+
+def test_lars_matches_float64_transcription_over_steps():
+    net = _net()
+    lr, weight_decay = 0.3, 0.05
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    generator = torch.Generator().manual_seed(1)
+    grads = [{n: torch.randn(p.shape, generator=generator) for n, p in net.named_parameters()} for _ in range(4)]
+    optimizer = build_optimizer(net.named_parameters(), "lars", lr, weight_decay)
+    for step_grads in grads:
+        for n, p in net.named_parameters():
+            p.grad = step_grads[n].clone()
+        optimizer.step()
+    expected = _lars_reference(start, grads, _excluded_by_module(net), lr, weight_decay, momentum=0.9, eta=0.001)
+    for n, p in net.named_parameters():
+        assert not torch.equal(p.detach(), start[n]), n
+        torch.testing.assert_close(p.detach().double(), expected[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_lars_leaves_excluded_parameters_plain_sgd_with_momentum():
+    """Biases and norm layers move by lr * g exactly: no decay, no trust ratio (a 1000x difference at eta=1e-3)."""
+    net = _net()
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    optimizer = build_optimizer(net.named_parameters(), "lars", lr=0.5, weight_decay=0.1)
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    for n, p in net.named_parameters():
+        if n in _excluded_by_module(net):
+            torch.testing.assert_close(p.detach(), before[n] - 0.5, msg=n)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lars"])
+def test_weight_decay_only_on_weights_of_conv_and_linear_layers(name):
+    model = nn.ModuleDict({"backbone": build_backbone("small_resnet", seed=0), "head": mlp_head(128, 32, 16)})
+    optimizer = build_optimizer(model.named_parameters(), name, lr=1e-3, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    undecayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert undecayed == _excluded_by_module(model)
+    assert decayed == set(names.values()) - undecayed
+    if name == "lars":
+        assert all(g["lars_exclude"] == (g["weight_decay"] == 0) for g in optimizer.param_groups)
+
+
+def test_adamw_decays_exactly_the_decay_group():
+    """With zero gradients AdamW's only move is the decoupled decay w <- w (1 - lr wd)."""
+    net = _net()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(1.0)
+    optimizer = build_optimizer(net.named_parameters(), "adamw", lr=0.1, weight_decay=0.5)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    excluded = _excluded_by_module(net)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), torch.full_like(p, 1.0 if n in excluded else 0.95), msg=n)
+
+
+class _BroadcastBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4, 3, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, 4, 1, 1))  # a bias shaped to broadcast over (B, C, H, W)
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.weight) + self.bias
+
+
+@pytest.mark.parametrize("name", ["adamw", "lars"])
+def test_bias_is_excluded_by_name_whatever_its_shape(name):
+    module = _BroadcastBias()
+    optimizer = build_optimizer(module.named_parameters(), name, lr=1e-3, weight_decay=0.1)
+    undecayed = [p for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]]
+    assert len(undecayed) == 1 and undecayed[0] is module.bias
+
+
+def test_frozen_parameters_are_not_optimised():
+    net = _net()
+    net[0].weight.requires_grad_(False)
+    optimizer = build_optimizer(net.named_parameters(), "adamw", lr=1e-3, weight_decay=0.1)
+    assert all(p is not net[0].weight for g in optimizer.param_groups for p in g["params"])
+
+
+@pytest.mark.parametrize("total, warmup", [(100, 10), (1000, 1), (57, 13)])
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine(total, warmup):
+    peak = 0.4
+    assert learning_rate(0, total, warmup, peak) == pytest.approx(peak / warmup)
+    assert learning_rate(warmup - 1, total, warmup, peak) == pytest.approx(peak)
+    assert learning_rate(warmup, total, warmup, peak) == pytest.approx(peak)  # cosine starts at its peak
+    middle = warmup + (total - warmup) / 2
+    if middle == int(middle):
+        assert learning_rate(int(middle), total, warmup, peak) == pytest.approx(peak / 2)
+    for step in range(warmup, total + 1):
+        progress = (step - warmup) / (total - warmup)
+        assert learning_rate(step, total, warmup, peak) == pytest.approx(peak * (1 + math.cos(math.pi * progress)) / 2)
+    assert learning_rate(total, total, warmup, peak) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(total + 5, total, warmup, peak) == pytest.approx(0.0, abs=1e-12)
+    rates = [learning_rate(s, total, warmup, peak) for s in range(total + 1)]
+    assert rates[:warmup] == sorted(rates[:warmup]) and rates[warmup:] == sorted(rates[warmup:], reverse=True)
+
+
+def test_learning_rate_without_warmup_starts_at_peak():
+    assert learning_rate(0, 10, 0, 0.2) == pytest.approx(0.2)
+    assert learning_rate(5, 10, 0, 0.2) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("base", [0.99, 0.996])
+def test_target_momentum_rises_from_base_to_one_by_cosine(base):
+    total = 200
+    assert target_momentum(0, total, base) == pytest.approx(base)
+    assert target_momentum(total // 2, total, base) == pytest.approx((1 + base) / 2)
+    assert target_momentum(total, total, base) == pytest.approx(1.0)
+    assert target_momentum(total + 10, total, base) == pytest.approx(1.0)
+    for step in (1, 37, 150, 199):
+        expected = 1 - (1 - base) * (math.cos(math.pi * step / total) + 1) / 2
+        assert target_momentum(step, total, base) == pytest.approx(expected, rel=1e-12)
