@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from rela.data.budget import BudgetSampler
 from rela.data.datasets import ArrayImages, CorruptImageError, FileImages
-from rela.data.interfaces import TrainBatch
+from rela.data.interfaces import ImageSource, TrainBatch
 from rela.data.views import Normalize, augment_batch, resize_center_crop, view_pair
 from rela.errors import RelaError
 
@@ -132,7 +132,7 @@ class TorchImageSource:
 class TorchTrainLoader:
     """Budgeted two-view training batches. `set_view_mode('rela'|'byol')` applies from the next batch."""
 
-    def __init__(self, source: TorchImageSource, sampler: BudgetSampler, *, image_size: int, decode_size: int,
+    def __init__(self, source: ImageSource, sampler: BudgetSampler, *, image_size: int, decode_size: int,
                  normalize: Normalize, seed: int, view_mode: str = "byol",
                  crop_min_scale: dict[str, float | None] | None = None):
         self.source, self.sampler = source, sampler
@@ -180,8 +180,3 @@ class TorchTrainLoader:
 def default_decode_size(image_size: int) -> int:
     """Files are decoded to a square a bit larger than the output so random crops keep detail."""
     return int(math.ceil(image_size * 1.15))
-
-
-# Transitional: rela/train.py still imports the old name until it builds its loaders with
-# rela.data.factory.create_loaders. Delete this line then.
-ImageSource = TorchImageSource

@@ -5,13 +5,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from rela.data.interfaces import ImageSource
 from rela.data.views import Normalize, resize_center_crop
 from rela.utils import distributed as dist_utils
 from rela.utils.progress import Progress
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, source, *, size: int, crop_fraction: float, normalize: Normalize,
+def extract_features(backbone: nn.Module, source: ImageSource, *, size: int, crop_fraction: float, normalize: Normalize,
                      batch_size: int, dist: dist_utils.DistInfo, autocast_dtype=None, show_progress: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (features (N, F) float32, labels (N,)) in dataset order on `source.device`; each rank
