@@ -1,5 +1,6 @@
 """The DALI loaders on the CPU twin (device_id=None): indices, epoch coverage, view statistics against the
-torch loader, the view switch at a step, bad files, and a training run with --loader dali."""
+torch loader, bad files, and a training run with --loader dali. The view switch at a step is tested for
+both loaders in test_loader_interfaces.py."""
 from __future__ import annotations
 
 import io
@@ -405,24 +406,6 @@ def test_draws_follow_each_view_spec():
         area = np.prod(p["crop_end"] - p["crop_start"], 1) / (90 * 120)
         assert area.min() >= spec.crop_scale[0] * 0.9 and area.max() <= 1.0
         assert (p["crop_start"] >= 0).all() and (p["crop_end"] <= [90, 120]).all()
-
-
-# ---- The view switch at a step ---------------------------------------------------------------------
-
-def test_view_switch_takes_effect_at_the_requested_step():
-    """RELA views never solarize, BYOL's second view does (p=0.2: some of 64 samples, always). Steps are
-    fed two ahead, so the batches right after each switch were first made with the other views."""
-    images = np.full((64 * 8, 24, 24, 3), 245, np.uint8)  # solarized <=> no pixel above 0.5
-    loader = _loader(ArrayImages(images, np.zeros(len(images)), "light"), batch_size=64, view_mode="rela",
-                     prefetch=2)
-    switches = {2: "byol", 5: "rela"}  # before the batch of step 2, and before step 5
-    modes = []
-    for step, batch in enumerate(loader.epoch(0)):
-        solarized = int((batch.view2.float().amax((1, 2, 3)) <= 0.5).sum())
-        modes.append("byol" if solarized else "rela")
-        if step + 1 in switches:
-            loader.set_view_mode(switches[step + 1])
-    assert modes == ["rela", "rela", "byol", "byol", "byol", "rela", "rela", "rela"]
 
 
 # ---- Bad input -------------------------------------------------------------------------------------
