@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,18 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a backbone with BYOL, accelerated by RELA (static targets from a frozen prior). "
                     "Options not given take the preset of the dataset (see --preset).",
         allow_abbrev=False)
+    hints = typing.get_type_hints(Config)  # the annotations are strings (postponed evaluation)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         kwargs: dict[str, Any] = {"default": None, "help": f.metadata["help"], "dest": f.name}
         if f.metadata["choices"]:
             kwargs["choices"] = f.metadata["choices"]
-        base_type = f.type.split("|")[0].strip() if isinstance(f.type, str) else f.type
-        if base_type == "bool":
+        value_type = _value_type(hints[f.name])
+        if value_type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif value_type in (int, float, str):
+            parser.add_argument(flag, type=value_type, **kwargs)
         else:
-            kwargs["type"] = {"int": int, "float": float, "str": str}[base_type]
-            parser.add_argument(flag, **kwargs)
+            raise TypeError(f"Config.{f.name}: no command-line form for {hints[f.name]}")
     return parser
+
+
+def _value_type(hint: Any) -> Any:
+    """What an option's value is when given: `int | None` -> int, `bool` -> bool."""
+    given = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return given[0] if len(given) == 1 else hint
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
