@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -63,3 +65,24 @@ def test_create_loaders_builds_the_chosen_loader(loader, source_type, loader_typ
     batches = list(made.train_loader.epoch(0))
     assert torch.cat([b.index for b in batches]).tolist() == sampler.rank_indices(0).tolist()
     assert batches[0].view1.shape == (8, 3, 16, 16) and {b.views for b in batches} == {"rela"}
+
+
+def test_factory_and_dali_package_import_without_dali():
+    """Without DALI, the factory (hence the trainer) imports, `--loader auto` is torch and dali says why."""
+    code = (
+        "import sys; sys.modules['nvidia.dali'] = None  # as if not installed\n"
+        "import dataclasses, torch\n"
+        "from rela.config import Config\n"
+        "from rela.data import factory\n"
+        "from rela.data.dali import dali_available\n"
+        "from rela.errors import RelaError\n"
+        "assert not dali_available()\n"
+        "assert factory.choose_loader(dataclasses.replace(Config(), loader='auto'), torch.device('cuda')) is False\n"
+        "try:\n"
+        "    factory.choose_loader(dataclasses.replace(Config(), loader='dali'), torch.device('cpu'))\n"
+        "except RelaError as err:\n"
+        "    print(err)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "NVIDIA DALI is not installed" in result.stdout
