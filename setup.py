@@ -3,20 +3,21 @@
 The CPU sources in csrc/ are always compiled; csrc/*.cu only when a CUDA toolkit is found and torch is
 a CUDA build. Build against the installed torch with `pip install --no-build-isolation -e .`, or let
 pip's build isolation install the pinned torch declared in pyproject.toml.
+
+The Triton kernels live in the top-level folder kernels/ and are installed as `rela.kernels`: no
+top-level `kernels` package lands in site-packages.
 """
+import os
 from pathlib import Path
 
+import torch
 from setuptools import find_packages, setup
+from torch.utils import cpp_extension
 
 ROOT = Path(__file__).parent
 
 
 def extensions():
-    import os
-
-    import torch
-    from torch.utils import cpp_extension
-
     cpp_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     if not cpp_sources:
         return [], {}
@@ -53,7 +54,8 @@ def extensions():
 ext_modules, cmdclass = extensions()
 
 setup(
-    packages=find_packages(include=["rela", "rela.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["rela", "rela.*"]) + ["rela.kernels"],
+    package_dir={"rela.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

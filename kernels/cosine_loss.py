@@ -22,13 +22,47 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import launchable
 
-EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
-# tl.sum is itself a jitted function, which the interpreter cannot call when Triton was imported
-# without TRITON_INTERPRET (see kernels/runtime.py); tl.reduce is a builtin, and the interpreter runs
-# it with numpy when given this combine function.
-_ADD = tl.standard._sum_combine
+@triton.jit
+def _load_tile(ptr, stride_row, stride_col, rows64, cols64, mask, ACC: tl.constexpr):
+    return tl.load(ptr + rows64 * stride_row + cols64 * stride_col, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _tile_sums(a_ptr, b_ptr, stride_a_row, stride_a_col, stride_b_row, stride_b_col, rows64, cols64, mask,
+               ACC: tl.constexpr):
+    """Per row of one (BLOCK_B, BLOCK_D) tile of a pair: (a.b, a.a, b.b) in ACC."""
+    a = _load_tile(a_ptr, stride_a_row, stride_a_col, rows64, cols64, mask, ACC)
+    b = _load_tile(b_ptr, stride_b_row, stride_b_col, rows64, cols64, mask, ACC)
+    return tl.sum(a * b, axis=1), tl.sum(a * a, axis=1), tl.sum(b * b, axis=1)
+
+
+@triton.jit
+def _cosine_stats(dot, aa, bb, eps, FP64: tl.constexpr):
+    """Per row: (cos, r, s) of the module docstring, from a.b, |a|^2 and |b|^2."""
+    # sqrt_rn is IEEE sqrt but fp32 only; tl.sqrt on fp64 is exact already.
+    if FP64:
+        norm_a = tl.sqrt(aa)
+        norm_b = tl.sqrt(bb)
+    else:
+        norm_a = tl.sqrt_rn(aa)
+        norm_b = tl.sqrt_rn(bb)
+    clamped_a = tl.maximum(norm_a, eps)
+    r = 1.0 / (clamped_a * tl.maximum(norm_b, eps))
+    cos = dot * r
+    s = tl.where(norm_a > 0, cos / (clamped_a * tl.where(norm_a > 0, norm_a, 1.0)), 0.0)
+    return cos, r, s
+
+
+@triton.jit
+def _store_pair_grad(a_ptr, b_ptr, stride_a_row, stride_a_col, stride_b_row, stride_b_col, grad_ptr,
+                     stats, rows64, cols64, mask, row_mask, scale, D, ACC: tl.constexpr):
+    """grad_a = scale * (r * b - s * a) for one tile of a pair; `stats` points at the pair's (r, s)."""
+    r = scale * tl.load(stats, mask=row_mask, other=0.0)
+    s = scale * tl.load(stats + 1, mask=row_mask, other=0.0)
+    a = _load_tile(a_ptr, stride_a_row, stride_a_col, rows64, cols64, mask, ACC)
+    b = _load_tile(b_ptr, stride_b_row, stride_b_col, rows64, cols64, mask, ACC)
+    tl.store(grad_ptr + rows64 * D + cols64, r[:, None] * b - s[:, None] * a, mask=mask)
 
 
 @triton.jit
@@ -45,74 +79,54 @@ def cosine_loss_fwd_kernel(
     num_programs = tl.num_programs(0)
     # eps is read from memory: a float argument would be rounded to float32 in the float64 kernel.
     eps = tl.load(eps_ptr)
-    cos_sum = tl.full([BLOCK_B], 0, ACC)
-    for row_block in range(pid, (B + BLOCK_B - 1) // BLOCK_B, num_programs):
+    cos_sum = tl.zeros([BLOCK_B], ACC)
+    for row_block in range(pid, tl.cdiv(B, BLOCK_B), num_programs):
         rows = row_block * BLOCK_B + tl.arange(0, BLOCK_B)
         row_mask = rows < B
         rows64 = rows.to(tl.int64)[:, None]
-        dot0 = tl.full([BLOCK_B], 0, ACC)
-        aa0 = tl.full([BLOCK_B], 0, ACC)
-        bb0 = tl.full([BLOCK_B], 0, ACC)
-        dot1 = tl.full([BLOCK_B], 0, ACC)
-        aa1 = tl.full([BLOCK_B], 0, ACC)
-        bb1 = tl.full([BLOCK_B], 0, ACC)
+        dot0 = tl.zeros([BLOCK_B], ACC)
+        aa0 = tl.zeros([BLOCK_B], ACC)
+        bb0 = tl.zeros([BLOCK_B], ACC)
+        dot1 = tl.zeros([BLOCK_B], ACC)
+        aa1 = tl.zeros([BLOCK_B], ACC)
+        bb1 = tl.zeros([BLOCK_B], ACC)
         for col_start in range(0, D, BLOCK_D):
             cols = col_start + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (cols < D)[None, :]
             cols64 = cols.to(tl.int64)[None, :]
-            a = tl.load(a0_ptr + rows64 * stride_a0_row + cols64 * stride_a0_col, mask=mask, other=0.0).to(ACC)
-            b = tl.load(b0_ptr + rows64 * stride_b0_row + cols64 * stride_b0_col, mask=mask, other=0.0).to(ACC)
-            dot0 += tl.reduce(a * b, 1, _ADD)
-            aa0 += tl.reduce(a * a, 1, _ADD)
-            bb0 += tl.reduce(b * b, 1, _ADD)
+            dot, aa, bb = _tile_sums(a0_ptr, b0_ptr, stride_a0_row, stride_a0_col, stride_b0_row, stride_b0_col,
+                                     rows64, cols64, mask, ACC)
+            dot0 += dot
+            aa0 += aa
+            bb0 += bb
             if NUM_PAIRS == 2:
-                a = tl.load(a1_ptr + rows64 * stride_a1_row + cols64 * stride_a1_col, mask=mask, other=0.0).to(ACC)
-                b = tl.load(b1_ptr + rows64 * stride_b1_row + cols64 * stride_b1_col, mask=mask, other=0.0).to(ACC)
-                dot1 += tl.reduce(a * b, 1, _ADD)
-                aa1 += tl.reduce(a * a, 1, _ADD)
-                bb1 += tl.reduce(b * b, 1, _ADD)
-        # sqrt_rn is IEEE sqrt but fp32 only; tl.sqrt on fp64 is exact already.
-        if FP64:
-            norm_a0 = tl.sqrt(aa0)
-            norm_b0 = tl.sqrt(bb0)
-        else:
-            norm_a0 = tl.sqrt_rn(aa0)
-            norm_b0 = tl.sqrt_rn(bb0)
-        clamped_a0 = tl.maximum(norm_a0, eps)
-        r0 = 1.0 / (clamped_a0 * tl.maximum(norm_b0, eps))
-        cos0 = dot0 * r0
-        s0 = tl.where(norm_a0 > 0, cos0 / (clamped_a0 * tl.where(norm_a0 > 0, norm_a0, 1.0)), 0.0)
+                dot, aa, bb = _tile_sums(a1_ptr, b1_ptr, stride_a1_row, stride_a1_col, stride_b1_row,
+                                         stride_b1_col, rows64, cols64, mask, ACC)
+                dot1 += dot
+                aa1 += aa
+                bb1 += bb
         stats = stats_ptr + rows.to(tl.int64) * (2 * NUM_PAIRS)
-        tl.store(stats, r0, mask=row_mask)
-        tl.store(stats + 1, s0, mask=row_mask)
-        cos_row = cos0
+        cos_row, r, s = _cosine_stats(dot0, aa0, bb0, eps, FP64)
+        tl.store(stats, r, mask=row_mask)
+        tl.store(stats + 1, s, mask=row_mask)
         if NUM_PAIRS == 2:
-            if FP64:
-                norm_a1 = tl.sqrt(aa1)
-                norm_b1 = tl.sqrt(bb1)
-            else:
-                norm_a1 = tl.sqrt_rn(aa1)
-                norm_b1 = tl.sqrt_rn(bb1)
-            clamped_a1 = tl.maximum(norm_a1, eps)
-            r1 = 1.0 / (clamped_a1 * tl.maximum(norm_b1, eps))
-            cos1 = dot1 * r1
-            s1 = tl.where(norm_a1 > 0, cos1 / (clamped_a1 * tl.where(norm_a1 > 0, norm_a1, 1.0)), 0.0)
-            tl.store(stats + 2, r1, mask=row_mask)
-            tl.store(stats + 3, s1, mask=row_mask)
-            cos_row += cos1
+            cos, r, s = _cosine_stats(dot1, aa1, bb1, eps, FP64)
+            tl.store(stats + 2, r, mask=row_mask)
+            tl.store(stats + 3, s, mask=row_mask)
+            cos_row += cos
         cos_sum += tl.where(row_mask, cos_row, 0.0)
 
-    tl.store(partial_ptr + pid, tl.reduce(cos_sum, 0, _ADD))
+    tl.store(partial_ptr + pid, tl.sum(cos_sum, axis=0))
     # Every thread's store must be ordered before the (single-thread, release) ticket.
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1)
     if ticket == num_programs - 1:
-        total = tl.full([BLOCK_P], 0, ACC)
+        total = tl.zeros([BLOCK_P], ACC)
         for start in range(0, num_programs, BLOCK_P):
             offs = start + tl.arange(0, BLOCK_P)
             # .cg reads from L2: the other programs' partials may be stale in this SM's L1.
             total += tl.load(partial_ptr + offs, mask=offs < num_programs, other=0.0, cache_modifier=".cg")
-        tl.store(loss_ptr, NUM_PAIRS - tl.reduce(total, 0, _ADD) / B)
+        tl.store(loss_ptr, NUM_PAIRS - tl.sum(total, axis=0) / B)
         tl.atomic_xchg(counter_ptr, 0)
 
 
@@ -134,17 +148,11 @@ def cosine_loss_bwd_kernel(
     # d loss / d cos = -grad / B for every row of every pair.
     scale = -tl.load(grad_loss_ptr).to(ACC) / B
     stats = stats_ptr + rows.to(tl.int64) * (2 * NUM_PAIRS)
-    r0 = scale * tl.load(stats, mask=row_mask, other=0.0)
-    s0 = scale * tl.load(stats + 1, mask=row_mask, other=0.0)
-    a = tl.load(a0_ptr + rows64 * stride_a0_row + cols64 * stride_a0_col, mask=mask, other=0.0).to(ACC)
-    b = tl.load(b0_ptr + rows64 * stride_b0_row + cols64 * stride_b0_col, mask=mask, other=0.0).to(ACC)
-    tl.store(grad_a0_ptr + rows64 * D + cols64, r0[:, None] * b - s0[:, None] * a, mask=mask)
+    _store_pair_grad(a0_ptr, b0_ptr, stride_a0_row, stride_a0_col, stride_b0_row, stride_b0_col, grad_a0_ptr,
+                     stats, rows64, cols64, mask, row_mask, scale, D, ACC)
     if NUM_PAIRS == 2:
-        r1 = scale * tl.load(stats + 2, mask=row_mask, other=0.0)
-        s1 = scale * tl.load(stats + 3, mask=row_mask, other=0.0)
-        a = tl.load(a1_ptr + rows64 * stride_a1_row + cols64 * stride_a1_col, mask=mask, other=0.0).to(ACC)
-        b = tl.load(b1_ptr + rows64 * stride_b1_row + cols64 * stride_b1_col, mask=mask, other=0.0).to(ACC)
-        tl.store(grad_a1_ptr + rows64 * D + cols64, r1[:, None] * b - s1[:, None] * a, mask=mask)
+        _store_pair_grad(a1_ptr, b1_ptr, stride_a1_row, stride_a1_col, stride_b1_row, stride_b1_col,
+                         grad_a1_ptr, stats + 2, rows64, cols64, mask, row_mask, scale, D, ACC)
 
 
 # One ticket counter per device and stream (launches on one stream never overlap), zeroed once; the
@@ -200,7 +208,7 @@ def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def cosine_loss_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]], eps: float = EPS):
+def cosine_loss_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]], eps: float):
     """Launches the forward kernel over 1 or 2 pairs of (B, D) tensors (any strides, dtypes).
 
     Returns (loss, stats): loss a 0-dim float32 tensor (float64 if any input is float64), stats a
@@ -217,7 +225,7 @@ def cosine_loss_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]], eps: flo
     stats = torch.empty((B, 2 * num_pairs), dtype=acc, device=device)
     partial = torch.empty(grid, dtype=acc, device=device)
     loss = torch.empty((), dtype=acc, device=device)
-    launchable(cosine_loss_fwd_kernel)[(grid,)](
+    cosine_loss_fwd_kernel[(grid,)](
         a0, b0, a1, b1, *a0.stride(), *b0.stride(), *a1.stride(), *b1.stride(),
         stats, partial, _counter(device), loss, B, D, _eps_tensor(device, acc, eps),
         NUM_PAIRS=num_pairs, BLOCK_B=block_b, BLOCK_D=block_d,
@@ -241,7 +249,7 @@ def cosine_loss_backward(pairs: list[tuple[torch.Tensor, torch.Tensor]], stats: 
     grads = [torch.empty((B, D), dtype=a.dtype, device=a.device) for a, _ in pairs]
     block_b, block_d, num_warps = _blocks(B, D, num_pairs)
     grid = (_cdiv(B, block_b), _cdiv(D, block_d))
-    launchable(cosine_loss_bwd_kernel)[grid](
+    cosine_loss_bwd_kernel[grid](
         a0, b0, a1, b1, *a0.stride(), *b0.stride(), *a1.stride(), *b1.stride(),
         grads[0], grads[-1], stats, grad_loss, B, D,
         NUM_PAIRS=num_pairs, BLOCK_B=block_b, BLOCK_D=block_d,

@@ -6,7 +6,7 @@ counters, any dtype, stored as int64 words) into the target's.
 
 The lerp is torch's, to the bit: for |w| < 0.5 it is fma(w, o - t, t), else fma(w - 1, o - t, o),
 computed in float32 for float32/bf16/fp16 parameters (ATen's opmath) and in float64 for float64.
-Triton's interpreter evaluates tl.fma as a rounded multiply then an add, so when interpreting the
+Triton's interpreter evaluates tl.fma as a rounded multiply then an add, so under the interpreter the
 launch helper asks for the fma to be emulated in float64 (the float32 product is exact there).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.runtime import interpreting, launchable
+from . import INTERPRETED
 
 BLOCK = 4096
 # Flat parameter buffers are padded to a multiple of this many elements: every block is full, and the
@@ -31,7 +31,7 @@ def ema_kernel(
     MOMENTUM_FROM_PTR: tl.constexpr, EMULATE_FMA: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    param_blocks = (num_params + BLOCK - 1) // BLOCK
+    param_blocks = tl.cdiv(num_params, BLOCK)
     if pid < param_blocks:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < num_params
@@ -49,7 +49,7 @@ def ema_kernel(
         if EMULATE_FMA:
             new = (coeff.to(tl.float64) * diff.to(tl.float64) + base.to(tl.float64)).to(ACC)
         else:
-            new = tl.fma(coeff + tl.full([BLOCK], 0, ACC), diff, base)
+            new = tl.fma(coeff + tl.zeros([BLOCK], ACC), diff, base)
         tl.store(target_ptr + offs, new.to(target_ptr.dtype.element_ty), mask=mask)
     else:
         offs = (pid - param_blocks) * BLOCK + tl.arange(0, BLOCK)
@@ -75,9 +75,9 @@ def ema_launch(target: torch.Tensor, online: torch.Tensor, target_words: torch.T
         return
     # Pointers must be real even when there is nothing behind them; the kernel never reads them then.
     words_t, words_o = (target_words, online_words) if num_words else (target, online)
-    launchable(ema_kernel)[grid](
+    ema_kernel[grid](
         target, online, num_params, words_t, words_o, num_words,
         momentum if from_ptr else target, 0.0 if from_ptr else 1.0 - momentum,
-        MOMENTUM_FROM_PTR=from_ptr, EMULATE_FMA=interpreting() and acc == tl.float32, ACC=acc,
+        MOMENTUM_FROM_PTR=from_ptr, EMULATE_FMA=INTERPRETED and acc == tl.float32, ACC=acc,
         BLOCK=BLOCK, num_warps=8,
     )

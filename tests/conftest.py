@@ -1,11 +1,22 @@
-"""Fixtures shared by the trainer's tests (the builders live in tests/builders.py)."""
+"""Fixtures shared by the trainer's tests (the builders live in tests/builders.py).
+
+On a machine without a GPU the fused ops run in Triton's interpreter, which must be chosen before
+Triton is imported (triton.jit reads TRITON_INTERPRET when it defines a kernel): this file is loaded
+before any test module, so it sets the variable here unless the caller chose (TRITON_INTERPRET=0 runs
+the references on the CPU, as users without a GPU get them). torch.cuda does not import Triton.
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from builders import write_cifar10, write_imagefolder
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from builders import write_cifar10, write_imagefolder  # noqa: E402
 
 
 @pytest.fixture

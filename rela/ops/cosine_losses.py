@@ -14,11 +14,11 @@ from torch.autograd.function import once_differentiable
 from rela.ops._dispatch import use_kernels
 
 try:
-    from kernels.cosine_loss import cosine_loss_backward, cosine_loss_forward
+    from rela.kernels.cosine_loss import cosine_loss_backward, cosine_loss_forward
 except ImportError:  # no Triton: use_kernels() then never picks the Functions below
     cosine_loss_forward = cosine_loss_backward = None
 
-EPS = 1e-8
+EPS = 1e-8  # torch.nn.functional.cosine_similarity's default; the kernels take it as an argument
 
 
 def _check_rows(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
@@ -106,8 +106,9 @@ def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Te
     never differentiated (as if detached). Any strides; float32|bf16|fp16 (float64 too), mixed
     dtypes allowed, accumulated in float32. Returns a 0-dim float32 tensor (float64 for float64
     inputs); the gradients have the dtypes of p1, p2.
-    fused: None runs the Triton kernels for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1)
-    and the reference otherwise; False forces `byol_loss_reference`; True demands the kernels.
+    fused: None runs the Triton kernels for CUDA tensors (and CPU tensors when Triton was imported
+    under TRITON_INTERPRET=1) and the reference otherwise; False forces `byol_loss_reference`; True
+    demands the kernels.
     """
     _check_rows(("p1", "p2", "z1", "z2"), (p1, p2, z1, z2))
     if use_kernels(fused, p1.device):

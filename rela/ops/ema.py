@@ -1,30 +1,33 @@
-"""EMA of a target network towards an online network: reference, flat-buffer preparation, dispatch.
+"""EMA of a target network towards an online network: the reference, and a pair object that does the step.
 
     target.param <- momentum * target.param + (1 - momentum) * online.param   (every parameter)
     target.buffer <- online.buffer                                          (BN running stats, counters)
 
-The fused path does this in ONE kernel launch. `prepare_ema_(target, online)` moves the parameters of
-both modules into one flat buffer each (and their buffers into one word buffer each), in place: every
-parameter and buffer keeps its identity (same tensor object, same requires_grad, same .grad) and only
-its storage becomes a view into the flat buffer. An optimizer built before therefore keeps working
-(it holds the same objects), but the safe order is to build the optimizer, DDP and torch.compile
-after. The modules may be containers made afresh at each call (`nn.ModuleList([backbone, head])`):
-the pair is recognised by its parameters.
+`prepare_ema_(target, online)` returns an `EmaPair`, whose `update(momentum)` is this step. On the
+fused path (CUDA modules, or CPU ones when Triton runs interpreted) the pair does it in ONE kernel
+launch: `prepare_ema_` first moves the parameters of both modules into one flat buffer each (and their
+buffers into one word buffer each), in place, and the pair owns these buffers. Every parameter and
+buffer keeps its identity (same tensor object, same requires_grad, same .grad) and only its storage
+becomes a view into the flat buffer. An optimizer built before therefore keeps working (it holds the
+same objects), but the safe order is to build the optimizer, DDP and torch.compile after. On the
+reference path the modules are left as they are and the pair runs `ema_update_reference_`.
 
 Trainer contract:
-    prepare_ema_(target, online)          # once, after both are on their device, before the
-                                          # optimizer, DDP and torch.compile are built
+    ema = prepare_ema_(target, online, fused=fused)  # once, after both are on their device, before the
+                                                     # optimizer, DDP and torch.compile are built
     ...
-    ema_update_(target, online, momentum) # every step; momentum a float or a 0-dim device tensor
+    ema.update(momentum)                             # every step; momentum a float or a 0-dim device tensor
 
-`ema_update_` prepares the pair itself on first use, and again if a module's storage was replaced
-(e.g. by `.to()`, `.cuda()`, `.half()`: it checks the first and last parameter and buffer); it does
-not notice a single parameter or buffer swapped for a new tensor in the middle of a module
-(`module.fc = nn.Linear(...)`), so call `prepare_ema_` again after such a change.
+`ema.update` raises if a module's storage was replaced since (by `.to()`, `.cuda()`, `.half()`: it
+checks the first and last parameter and buffer); it does not notice a single parameter or buffer
+swapped for a new tensor in the middle of a module (`module.fc = nn.Linear(...)`), so prepare again
+after such a change. `ema_update_(target, online, momentum)` is the same step without a pair to keep:
+it finds the flat buffers behind the parameters when `prepare_ema_` made them, and prepares the
+modules otherwise. The modules may then be containers made afresh at each call
+(`nn.ModuleList([backbone, head])`).
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -33,25 +36,24 @@ from torch import nn
 from rela.ops._dispatch import use_kernels
 
 try:
-    from kernels.ema import PAD, ema_launch
+    from rela.kernels.ema import PAD, ema_launch
 except ImportError:  # no Triton: use_kernels() then never picks the fused path
     PAD, ema_launch = 1, None
+
+# (name, shape, dtype) of every parameter, then of every buffer, in named_parameters()/named_buffers() order.
+_Structure = tuple[tuple[tuple[str, torch.Size, torch.dtype], ...], tuple[tuple[str, torch.Size, torch.dtype], ...]]
 
 
 @dataclass(frozen=True)
 class _Layout:
     """Where each parameter and buffer lives in the flat buffers, shared by a target/online pair."""
-    names: tuple[str, ...]                               # parameters, in named_parameters() order
-    shapes: tuple[torch.Size, ...]
+    structure: _Structure
     strides: tuple[tuple[int, ...], ...]
     offsets: tuple[int, ...]                             # in elements of the parameter dtype
     numel: int                                           # padded length of the parameter buffer
     dtype: torch.dtype
-    buffer_names: tuple[str, ...]
-    buffer_dtypes: tuple[torch.dtype, ...]
-    buffer_shapes: tuple[torch.Size, ...]
     word_offsets: tuple[int, ...]                        # in int64 words
-    words: int
+    words: int                                           # padded length of the word buffer
 
 
 @dataclass(frozen=True)
@@ -62,18 +64,30 @@ class FlatModule:
     layout: _Layout
 
 
-@dataclass
-class _EmaPair:
-    target: FlatModule
-    online: FlatModule
-    online_first: weakref.ref           # the online module's first parameter, identifying the pair
-    # (weak tensor, data_ptr it must have): a moved or re-cast module fails these.
-    sentinels: tuple[tuple[weakref.ref, int], ...]
+def _structure(module: nn.Module) -> _Structure:
+    return (tuple((n, p.shape, p.dtype) for n, p in module.named_parameters()),
+            tuple((n, b.shape, b.dtype) for n, b in module.named_buffers()))
 
 
-# Keyed by id() of the target's first parameter, not by the module: callers may hand in a fresh
-# container (nn.ModuleList([backbone, head])) at every call. An entry goes when that parameter does.
-_pairs: dict[int, _EmaPair] = {}
+def _check_structure(module: nn.Module, expected: _Structure, what: str) -> None:
+    params, buffers = _structure(module)
+    if params != expected[0]:
+        raise ValueError(f"{what}'s parameters (names, shapes, dtypes) differ from the online module's")
+    if buffers != expected[1]:
+        raise ValueError(f"{what}'s buffers (names, shapes, dtypes) differ from the online module's")
+
+
+def _device(target: nn.Module, online: nn.Module) -> torch.device:
+    first_target, first_online = next(target.parameters(), None), next(online.parameters(), None)
+    if first_target is None or first_online is None:
+        raise ValueError("the module has no parameters to average")
+    if first_target.device != first_online.device:
+        raise ValueError(f"target is on {first_target.device}, online on {first_online.device}")
+    return first_target.device
+
+
+def _words(n_bytes: int) -> int:
+    return -(-n_bytes // 8)
 
 
 def _dense_strides(t: torch.Tensor) -> tuple[int, ...]:
@@ -88,40 +102,25 @@ def _dense_strides(t: torch.Tensor) -> tuple[int, ...]:
 
 
 def _layout_of(module: nn.Module) -> _Layout:
-    params = list(module.named_parameters())
+    params = list(module.parameters())
     if not params:
         raise ValueError("the module has no parameters to average")
-    dtypes = {p.dtype for _, p in params}
-    if len(dtypes) != 1 or not params[0][1].is_floating_point():
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) != 1 or not params[0].is_floating_point():
         raise ValueError(f"all parameters must share one floating dtype, got {sorted(map(str, dtypes))}")
     offsets, offset = [], 0
-    for _, p in params:
+    for p in params:
         offsets.append(offset)
         # Each parameter starts 16-element aligned: vector loads stay aligned within the views too.
         offset += -(-p.numel() // 16) * 16
-    buffers = list(module.named_buffers())
     word_offsets, word = [], 0
-    for _, b in buffers:
+    for b in module.buffers():
         word_offsets.append(word)
-        word += -(-b.numel() * b.element_size() // 8)
+        word += _words(b.numel() * b.element_size())
     return _Layout(
-        names=tuple(n for n, _ in params), shapes=tuple(p.shape for _, p in params),
-        strides=tuple(_dense_strides(p) for _, p in params), offsets=tuple(offsets),
-        numel=-(-offset // PAD) * PAD, dtype=params[0][1].dtype,
-        buffer_names=tuple(n for n, _ in buffers), buffer_dtypes=tuple(b.dtype for _, b in buffers),
-        buffer_shapes=tuple(b.shape for _, b in buffers), word_offsets=tuple(word_offsets), words=word)
-
-
-def _check_matches(layout: _Layout, module: nn.Module, what: str) -> None:
-    params = list(module.named_parameters())
-    buffers = list(module.named_buffers())
-    if (tuple(n for n, _ in params) != layout.names or tuple(p.shape for _, p in params) != layout.shapes
-            or any(p.dtype != layout.dtype for _, p in params)):
-        raise ValueError(f"{what}'s parameters (names, shapes, dtypes) differ from the online module's")
-    if (tuple(n for n, _ in buffers) != layout.buffer_names
-            or tuple(b.shape for _, b in buffers) != layout.buffer_shapes
-            or tuple(b.dtype for _, b in buffers) != layout.buffer_dtypes):
-        raise ValueError(f"{what}'s buffers (names, shapes, dtypes) differ from the online module's")
+        structure=_structure(module), strides=tuple(_dense_strides(p) for p in params), offsets=tuple(offsets),
+        numel=-(-offset // PAD) * PAD, dtype=params[0].dtype, word_offsets=tuple(word_offsets),
+        words=-(-max(word, 1) // 16) * 16)
 
 
 @torch.no_grad()
@@ -134,89 +133,136 @@ def flatten_module_(module: nn.Module, layout: _Layout | None = None) -> FlatMod
     Parameters: one floating dtype. Buffers: any dtypes.
     """
     layout = _layout_of(module) if layout is None else layout
-    _check_matches(layout, module, "the module")
-    params = [p for _, p in module.named_parameters()]
-    buffers = [b for _, b in module.named_buffers()]
+    _check_structure(module, layout.structure, "the module")
+    params = list(module.parameters())
     device = params[0].device
     flat = torch.zeros(layout.numel, dtype=layout.dtype, device=device)
-    for p, shape, stride, offset in zip(params, layout.shapes, layout.strides, layout.offsets):
-        view = flat.as_strided(shape, stride, offset)
+    for p, stride, offset in zip(params, layout.strides, layout.offsets):
+        view = flat.as_strided(p.shape, stride, offset)
         view.copy_(p)
         p.data = view
-    words = torch.zeros(-(-max(layout.words, 1) // 16) * 16, dtype=torch.int64, device=device)
-    for b, word in zip(buffers, layout.word_offsets):
-        n_words = -(-b.numel() * b.element_size() // 8)
-        view = words[word:word + n_words].view(b.dtype)[:b.numel()].view(b.shape)
+    words = torch.zeros(layout.words, dtype=torch.int64, device=device)
+    for b, word in zip(module.buffers(), layout.word_offsets):
+        view = words[word:word + _words(b.numel() * b.element_size())].view(b.dtype)[:b.numel()].view(b.shape)
         view.copy_(b)
         b.data = view
     return FlatModule(flat, words, layout)
 
 
-def prepare_ema_(target: nn.Module, online: nn.Module) -> None:
-    """Flattens both modules in place (see `flatten_module_`) and remembers the pair for `ema_update_`.
-
-    target, online: modules of identical structure (names, shapes, dtypes), on one device; all
-    parameters of one floating dtype. Call once after moving them to their device and before
-    building the optimizer, DDP or torch.compile around `online` (pass the unwrapped module).
-    The online module's values are untouched; the target's parameters take the online's strides.
-    """
-    layout = _layout_of(online)
-    _check_matches(layout, target, "the target")
-    flat_online = flatten_module_(online, layout)
-    flat_target = flatten_module_(target, layout)
-    if flat_online.params.device != flat_target.params.device:
-        raise ValueError(f"target is on {flat_target.params.device}, online on {flat_online.params.device}")
-    sentinels = []
-    for module, flat in ((target, flat_target), (online, flat_online)):
-        params = list(module.parameters())
-        sentinels += [(weakref.ref(params[0]), flat.params.data_ptr()),
-                      (weakref.ref(params[-1]),
-                       flat.params.data_ptr() + layout.offsets[-1] * flat.params.element_size())]
-        buffers = list(module.buffers())
-        if buffers:
-            sentinels += [(weakref.ref(buffers[0]), flat.words.data_ptr()),
-                          (weakref.ref(buffers[-1]), flat.words.data_ptr() + layout.word_offsets[-1] * 8)]
-    target_first, online_first = next(target.parameters()), next(online.parameters())
-    key = id(target_first)
-    if key not in _pairs:
-        weakref.finalize(target_first, _pairs.pop, key, None)
-    _pairs[key] = _EmaPair(flat_target, flat_online, weakref.ref(online_first), tuple(sentinels))
+def _flat_of(module: nn.Module, layout: _Layout) -> FlatModule | None:
+    """The flat buffers behind `module` when `flatten_module_(module, layout)` made them, else None."""
+    params, buffers = list(module.parameters()), list(module.buffers())
+    storage = params[0].untyped_storage()
+    if (storage.nbytes() != layout.numel * layout.dtype.itemsize
+            or any(p.untyped_storage().data_ptr() != storage.data_ptr() or p.storage_offset() != offset
+                   or p.stride() != stride for p, stride, offset in zip(params, layout.strides, layout.offsets))):
+        return None
+    flat = params[0].detach().as_strided((layout.numel,), (1,), 0)
+    words = torch.empty(0, dtype=torch.int64, device=flat.device)
+    if buffers:
+        word_storage = buffers[0].untyped_storage()
+        if (word_storage.nbytes() != layout.words * 8
+                or any(b.untyped_storage().data_ptr() != word_storage.data_ptr()
+                       or b.storage_offset() * b.element_size() != word * 8 or not b.is_contiguous()
+                       for b, word in zip(buffers, layout.word_offsets))):
+            return None
+        words = words.set_(word_storage, 0, (layout.words,))
+    return FlatModule(flat, words, layout)
 
 
-def _alive_at(ref: weakref.ref, ptr: int) -> bool:
-    t = ref()
-    return t is not None and t.data_ptr() == ptr
-
-
-def _prepared(target: nn.Module, online: nn.Module) -> _EmaPair:
-    target_first = next(target.parameters())
-    pair = _pairs.get(id(target_first))
-    if (pair is None or pair.sentinels[0][0]() is not target_first
-            or pair.online_first() is not next(online.parameters())
-            or not all(_alive_at(ref, ptr) for ref, ptr in pair.sentinels)):
-        prepare_ema_(target, online)
-        pair = _pairs[id(target_first)]
-    return pair
+def _lerp_and_copy_(target: nn.Module, online: nn.Module, momentum: float | torch.Tensor) -> None:
+    target_params, online_params = list(target.parameters()), list(online.parameters())
+    if isinstance(momentum, torch.Tensor):
+        weight = 1 - momentum
+        torch._foreach_lerp_(target_params, online_params, [weight] * len(target_params))
+    else:
+        torch._foreach_lerp_(target_params, online_params, 1.0 - momentum)
+    target_buffers = list(target.buffers())
+    if target_buffers:
+        torch._foreach_copy_(target_buffers, list(online.buffers()))
 
 
 @torch.no_grad()
 def ema_update_reference_(target: nn.Module, online: nn.Module, momentum: float | torch.Tensor) -> None:
     """The definition, in plain torch: `_foreach_lerp_` over the parameters, `_foreach_copy_` of buffers.
 
-    target, online: modules of identical structure. momentum: a Python float or a 0-dim tensor
-    (read on the device: no host sync). Nothing is differentiated; `online` is only read.
+    target, online: modules of identical structure (parameter and buffer names, shapes, dtypes; a
+    mismatch raises ValueError). momentum: a Python float or a 0-dim tensor (read on the device: no
+    host sync). Nothing is differentiated; `online` is only read.
     """
-    target_params, online_params = list(target.parameters()), list(online.parameters())
-    if len(target_params) != len(online_params):
-        raise ValueError(f"target has {len(target_params)} parameters, online {len(online_params)}")
+    _check_structure(target, _structure(online), "the target")
+    _lerp_and_copy_(target, online, momentum)
+
+
+def _momentum_on(device: torch.device, momentum: float | torch.Tensor) -> float | torch.Tensor:
     if isinstance(momentum, torch.Tensor):
-        weight = 1 - momentum
-        torch._foreach_lerp_(target_params, online_params, [weight] * len(target_params))
-    else:
-        torch._foreach_lerp_(target_params, online_params, 1.0 - momentum)
-    target_buffers, online_buffers = list(target.buffers()), list(online.buffers())
-    if target_buffers:
-        torch._foreach_copy_(target_buffers, online_buffers)
+        if momentum.dim() != 0:
+            raise ValueError(f"momentum must be a float or a 0-dim tensor, got shape {tuple(momentum.shape)}")
+        if momentum.device != device:
+            momentum = momentum.to(device, non_blocking=True)
+    return momentum
+
+
+def _first_and_last(tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+    return [(t, t.data_ptr()) for t in tensors[:1] + tensors[-1:]]
+
+
+class EmaPair:
+    """A target module that follows an online module by EMA (made by `prepare_ema_`; owns the flat buffers).
+
+    `target`, `online`: the modules. `fused`: whether `update` is one kernel launch over the flat
+    buffers `target_flat`, `online_flat` (None on the reference path).
+    """
+
+    def __init__(self, target: nn.Module, online: nn.Module, target_flat: FlatModule | None = None,
+                 online_flat: FlatModule | None = None):
+        self.target, self.online = target, online
+        self.target_flat, self.online_flat = target_flat, online_flat
+        self.device = _device(target, online)
+        # (tensor, data_ptr it must keep): a moved or re-cast module fails these.
+        self._sentinels = [s for module in (target, online)
+                           for s in _first_and_last(list(module.parameters())) + _first_and_last(list(module.buffers()))]
+
+    @property
+    def fused(self) -> bool:
+        return self.target_flat is not None
+
+    @torch.no_grad()
+    def update(self, momentum: float | torch.Tensor) -> None:
+        """target <- momentum * target + (1 - momentum) * online for every parameter; buffers copied.
+
+        momentum: a Python float or a 0-dim tensor (any floating dtype, moved to the modules' device if
+        elsewhere) that the kernel reads from device memory, so a momentum schedule kept on the device
+        costs no host sync. Nothing is differentiated; `online` is only read.
+        """
+        momentum = _momentum_on(self.device, momentum)
+        if not self.fused:
+            _lerp_and_copy_(self.target, self.online, momentum)
+            return
+        if any(t.data_ptr() != ptr for t, ptr in self._sentinels):
+            raise RuntimeError("a module's parameters or buffers were moved or re-cast since prepare_ema_ "
+                               "(.to(), .cuda(), .half()?): call prepare_ema_ again")
+        ema_launch(self.target_flat.params, self.online_flat.params, self.target_flat.words,
+                   self.online_flat.words, momentum)
+
+
+def prepare_ema_(target: nn.Module, online: nn.Module, *, fused: bool | None = None) -> EmaPair:
+    """The pair that updates `target` towards `online`; on the fused path both are flattened in place first.
+
+    target, online: modules of identical structure (names, shapes, dtypes), on one device; all
+    parameters of one floating dtype. Call once after moving them to their device and before
+    building the optimizer, DDP or torch.compile around `online` (pass the unwrapped module).
+    The online module's values are untouched; the target's parameters take the online's strides.
+    fused: None picks the kernels for CUDA modules (and CPU ones when Triton was imported under
+    TRITON_INTERPRET=1), False the reference (nothing is flattened), True demands the kernels.
+    """
+    _check_structure(target, _structure(online), "the target")
+    device = _device(target, online)
+    if not use_kernels(fused, device):
+        return EmaPair(target, online)
+    layout = _layout_of(online)
+    online_flat = flatten_module_(online, layout)
+    return EmaPair(target, online, flatten_module_(target, layout), online_flat)
 
 
 @torch.no_grad()
@@ -226,23 +272,20 @@ def ema_update_(target: nn.Module, online: nn.Module, momentum: float | torch.Te
 
     target, online: nn.Modules of identical structure (pass the module inside DDP, not the wrapper),
     parameters of one floating dtype (float32 usually; bf16/fp16/float64 work), buffers of any dtype
-    (BN running_mean, running_var, num_batches_tracked). momentum: a Python float or a 0-dim tensor
-    (any floating dtype, moved to the modules' device if elsewhere) that the kernel reads from device
-    memory, so a momentum schedule kept on the device costs no host sync. Nothing is differentiated;
-    `online` is only read. The fused path is one kernel launch over the flat buffers that
-    `prepare_ema_` made (done here on first use); for float32/bf16/fp16 parameters it matches
-    `torch._foreach_lerp_` bit for bit (tested on the CPU under the interpreter).
-    fused: None picks the kernels for CUDA modules (and CPU ones under TRITON_INTERPRET=1),
-    False forces `ema_update_reference_`, True demands the kernels.
+    (BN running_mean, running_var, num_batches_tracked). momentum: as for `EmaPair.update`. The fused
+    path is one kernel launch over the flat buffers that `prepare_ema_` made (found again from the
+    parameters' storage; the modules are prepared here when they are not flat, or no longer); for
+    float32/bf16/fp16 parameters it matches `torch._foreach_lerp_` bit for bit (tested on the CPU
+    under the interpreter). fused: as for `prepare_ema_`.
     """
-    device = next(target.parameters()).device
-    if not use_kernels(fused, device):
+    if not use_kernels(fused, _device(target, online)):
         ema_update_reference_(target, online, momentum)
         return
-    pair = _prepared(target, online)
-    if isinstance(momentum, torch.Tensor):
-        if momentum.dim() != 0:
-            raise ValueError(f"momentum must be a float or a 0-dim tensor, got shape {tuple(momentum.shape)}")
-        if momentum.device != device:
-            momentum = momentum.to(device, non_blocking=True)
-    ema_launch(pair.target.params, pair.online.params, pair.target.words, pair.online.words, momentum)
+    layout = _layout_of(online)
+    _check_structure(target, layout.structure, "the target")
+    target_flat, online_flat = _flat_of(target, layout), _flat_of(online, layout)
+    if target_flat is None or online_flat is None:
+        pair = prepare_ema_(target, online, fused=True)
+    else:
+        pair = EmaPair(target, online, target_flat, online_flat)
+    pair.update(momentum)

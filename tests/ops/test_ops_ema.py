@@ -1,13 +1,17 @@
-"""ema_update_: one kernel launch (in Triton's interpreter) against torch._foreach_lerp_ and buffer copies."""
+"""The EMA step (EmaPair.update, ema_update_) with fused=True: one kernel launch (in Triton's interpreter)
+against torch._foreach_lerp_ and buffer copies."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from rela.ops import ema_update_, ema_update_reference_, flatten_module_, prepare_ema_
+from rela.ops import EmaPair, ema_update_, ema_update_reference_, flatten_module_, prepare_ema_
 
 
 def small_net(seed: int, channels_last: bool = False) -> nn.Module:
@@ -67,12 +71,53 @@ def test_ema_matches_foreach_lerp_to_the_bit(momentum_kind, channels_last, launc
     momentum = momentum() if callable(momentum) else momentum
 
     for _ in range(3):
-        ema_update_(target, online, momentum)
+        ema_update_(target, online, momentum, fused=True)
         ema_update_reference_(expected_target, expected_online, momentum)
 
-    assert launches == [("ema_kernel", True)] * 3
+    assert launches == ["ema_kernel"] * 3
     assert_same_state(target, state(expected_target))
     assert_same_state(online, online_before)
+
+
+@pytest.mark.parametrize("momentum_kind", ["float", "tensor"])
+def test_pair_update_matches_foreach_lerp_to_the_bit(momentum_kind, launches):
+    target, online = ema_pair(channels_last=True)
+    expected_target, expected_online = copy.deepcopy(target), copy.deepcopy(online)
+    momentum = MOMENTA[momentum_kind]
+    momentum = momentum() if callable(momentum) else momentum
+
+    pair = prepare_ema_(target, online, fused=True)
+    for _ in range(2):
+        pair.update(momentum)
+        ema_update_reference_(expected_target, expected_online, momentum)
+
+    assert isinstance(pair, EmaPair) and pair.fused and pair.target is target
+    assert launches == ["ema_kernel"] * 2
+    assert_same_state(target, state(expected_target))
+
+
+def test_pair_with_fused_false_runs_the_reference_on_the_modules_as_they_are(launches):
+    target, online = ema_pair()
+    expected_target = copy.deepcopy(target)
+    ptrs = [p.data_ptr() for p in target.parameters()]
+
+    pair = prepare_ema_(target, online, fused=False)
+    pair.update(0.9)
+    ema_update_reference_(expected_target, online, 0.9)
+
+    assert not pair.fused and launches == []
+    assert [p.data_ptr() for p in target.parameters()] == ptrs
+    assert_same_state(target, state(expected_target))
+
+
+def test_pair_refuses_modules_moved_since_prepare(launches):
+    target, online = ema_pair()
+    pair = prepare_ema_(target, online, fused=True)
+    target.half()
+    online.half()
+    with pytest.raises(RuntimeError, match="call prepare_ema_ again"):
+        pair.update(0.9)
+    assert launches == []
 
 
 def test_buffers_are_copied_from_online(launches):
@@ -80,7 +125,7 @@ def test_buffers_are_copied_from_online(launches):
     assert not torch.equal(target[1].running_mean, online[1].running_mean)
     assert target[1].num_batches_tracked.item() != online[1].num_batches_tracked.item()
 
-    ema_update_(target, online, 0.9)
+    ema_update_(target, online, 0.9, fused=True)
 
     assert len(launches) == 1
     for name, buffer in online.named_buffers():
@@ -95,7 +140,7 @@ def test_prepare_keeps_identity_values_and_strides():
     online_state, target_state = state(online), state(target)
     strides = {name: p.stride() for name, p in online.named_parameters()}
 
-    prepare_ema_(target, online)
+    prepare_ema_(target, online, fused=True)
 
     assert_same_state(online, online_state)
     assert_same_state(target, target_state)
@@ -123,7 +168,7 @@ def test_online_model_trains_normally_after_prepare(optimizer_first, launches):
 
     if optimizer_first:
         make_optimizers()
-    prepare_ema_(target, online)
+    prepare_ema_(target, online, fused=True)
     if not optimizer_first:
         make_optimizers()
     x = torch.randn(6, 3, 6, 6, generator=torch.Generator().manual_seed(5))
@@ -132,23 +177,23 @@ def test_online_model_trains_normally_after_prepare(optimizer_first, launches):
             optimizer.zero_grad()
             net(x).square().mean().backward()
             optimizer.step()
-        ema_update_(target, online, 0.99)
+        ema_update_(target, online, 0.99, fused=True)
         ema_update_reference_(expected_target, expected_online, 0.99)
 
     assert all(p.grad is not None for p in online.parameters())
     assert_same_state(online, state(expected_online))
     assert_same_state(target, state(expected_target))
-    assert launches == [("ema_kernel", True)] * 2
+    assert launches == ["ema_kernel"] * 2
 
 
 def test_fresh_containers_reuse_the_prepared_pair(launches):
     """The trainer may pass nn.ModuleList([backbone, head]) made anew at each call."""
     (target_a, online_a), (target_b, online_b) = ema_pair(), ema_pair()
     target_parts, online_parts = [target_a, target_b], [online_a, online_b]
-    prepare_ema_(nn.ModuleList(target_parts), nn.ModuleList(online_parts))
+    prepare_ema_(nn.ModuleList(target_parts), nn.ModuleList(online_parts), fused=True)
     flat_ptr = target_parts[0][0].weight.untyped_storage().data_ptr()
 
-    ema_update_(nn.ModuleList(target_parts), nn.ModuleList(online_parts), 0.99)
+    ema_update_(nn.ModuleList(target_parts), nn.ModuleList(online_parts), 0.99, fused=True)
 
     assert target_parts[0][0].weight.untyped_storage().data_ptr() == flat_ptr
     assert len(launches) == 1
@@ -157,12 +202,12 @@ def test_fresh_containers_reuse_the_prepared_pair(launches):
 def test_moved_module_is_prepared_again(launches):
     """`.half()` swaps every storage; the next update notices and flattens again."""
     target, online = ema_pair()
-    prepare_ema_(target, online)
+    prepare_ema_(target, online, fused=True)
     target.half()
     online.half()
     expected_target, expected_online = copy.deepcopy(target), copy.deepcopy(online)
 
-    ema_update_(target, online, 0.95)
+    ema_update_(target, online, 0.95, fused=True)
     ema_update_reference_(expected_target, expected_online, 0.95)
 
     assert target[0].weight.dtype == torch.float16
@@ -174,7 +219,7 @@ def test_moved_module_is_prepared_again(launches):
 def test_float64_parameters(launches):
     target, online = (m.double() for m in ema_pair())
     expected_target = copy.deepcopy(target)
-    ema_update_(target, online, 0.9)
+    ema_update_(target, online, 0.9, fused=True)
     ema_update_reference_(expected_target, online, 0.9)
     assert len(launches) == 1
     for got, expected in zip(target.parameters(), expected_target.parameters()):
@@ -196,6 +241,23 @@ def test_structure_mismatch_raises():
         prepare_ema_(nn.Linear(3, 4), nn.Linear(4, 3))
 
 
+MISMATCH_PATHS = {
+    "reference": lambda target, online: ema_update_reference_(target, online, 0.9),
+    "update_fused_false": lambda target, online: ema_update_(target, online, 0.9, fused=False),
+    "update_fused": lambda target, online: ema_update_(target, online, 0.9, fused=True),
+    "prepare_fused_false": lambda target, online: prepare_ema_(target, online, fused=False),
+    "prepare_fused": lambda target, online: prepare_ema_(target, online, fused=True),
+}
+
+
+@pytest.mark.parametrize("path", list(MISMATCH_PATHS))
+def test_every_path_rejects_a_target_that_would_broadcast(path):
+    """A (3, 4) target weight against a (1, 4) online one: torch's lerp would broadcast it silently."""
+    message = "the target's parameters (names, shapes, dtypes) differ from the online module's"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MISMATCH_PATHS[path](nn.Linear(4, 3), nn.Linear(4, 1))
+
+
 def test_reference_needs_no_preparation(launches):
     target, online = ema_pair()
     ptr = target[0].weight.data_ptr()
@@ -203,16 +265,13 @@ def test_reference_needs_no_preparation(launches):
     assert launches == [] and target[0].weight.data_ptr() == ptr
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_online_wrapped_in_ddp_after_prepare(tmp_path, launches):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         target, online = ema_pair()
         expected_target, expected_online = copy.deepcopy(target), copy.deepcopy(online)
-        prepare_ema_(target, online)
+        prepare_ema_(target, online, fused=True)
         model = DistributedDataParallel(online)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         expected_optimizer = torch.optim.SGD(expected_online.parameters(), lr=0.1)
@@ -220,7 +279,7 @@ def test_online_wrapped_in_ddp_after_prepare(tmp_path, launches):
         for net, opt in ((model, optimizer), (expected_online, expected_optimizer)):
             net(x).square().mean().backward()
             opt.step()
-        ema_update_(target, online, 0.9)
+        ema_update_(target, online, 0.9, fused=True)
         ema_update_reference_(expected_target, expected_online, 0.9)
     finally:
         dist.destroy_process_group()
