@@ -260,27 +260,37 @@ def eval_params(sizes: np.ndarray, mode: str, size: int, crop_fraction: float, i
 # ---- Driving a pipeline step by step ---------------------------------------------------------------
 
 @dataclass
-class _Step:
+class Step:
     position: int  # in the list of batches being iterated
     key: object  # what the step was fed with that may change (the view mode and pair)
     host: HostBatch
 
 
 class _StepFailed(Exception):
-    def __init__(self, step: _Step, error: Exception):
+    def __init__(self, step: Step, error: Exception):
         super().__init__(str(error))
         self.step, self.error = step, error
 
 
 class FedPipeline:
-    """One DALI pipeline, fed by the host one step at a time. Steps come out in the order they were fed;
-    `in_flight` holds the steps fed and not yet taken."""
+    """A graph of pipelines.py fed by the host one step at a time, from a HostReader over `dataset`.
+    Steps come out in the order they were fed; `in_flight` holds the steps fed and not yet taken.
 
-    def __init__(self, build: Callable[[int], object], device: torch.device):
-        self._build, self.device = build, device
+    graph: a `@pipeline_def` function taking the input's name (pipelines.ENCODED for files,
+    pipelines.ARRAYS for arrays) and DALI's pipeline arguments; it is built again at each restart.
+    """
+
+    def __init__(self, dataset: ArrayImages | FileImages, device: torch.device, graph: Callable, *,
+                 num_threads: int, skip_corrupt: bool, prefetch: int):
+        from rela.data.dali.pipelines import ARRAYS, ENCODED
+
+        self.reader = HostReader(dataset, skip_corrupt=skip_corrupt, num_threads=num_threads)
+        self.data_name = ENCODED if self.reader.files else ARRAYS
+        self.device, self.prefetch = device, max(1, prefetch)
+        self._graph, self._num_threads = graph, num_threads
         self.batch_size = 0
         self.pipe = None
-        self.in_flight: deque[_Step] = deque()
+        self.in_flight: deque[Step] = deque()
         self.generation = 0
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
@@ -293,21 +303,23 @@ class FedPipeline:
         self.generation += 1
         return self.generation
 
-    def restart(self) -> list[_Step]:
+    def restart(self) -> list[Step]:
         """A fresh pipeline (DALI gives up a pipeline after an error); returns the steps dropped."""
         dropped = list(self.in_flight)
         self.in_flight.clear()
         self.pipe = None  # let DALI release the old one before the new one allocates
-        self.pipe = self._build(self.batch_size)
+        self.pipe = self._graph(self.data_name, batch_size=self.batch_size, num_threads=self._num_threads,
+                                device_id=_device_id(self.device))
+        self.pipe.build()
         return dropped
 
-    def feed(self, inputs: dict[str, object], step: _Step) -> None:
+    def feed(self, inputs: dict[str, object], step: Step) -> None:
         for name, value in inputs.items():
             self.pipe.feed_input(name, np.ascontiguousarray(value) if isinstance(value, np.ndarray) else value)
         self.pipe.schedule_run()
         self.in_flight.append(step)
 
-    def take(self) -> tuple[_Step, list[torch.Tensor]]:
+    def take(self) -> tuple[Step, list[torch.Tensor]]:
         step = self.in_flight.popleft()
         try:
             outputs = self.pipe.share_outputs()
@@ -319,7 +331,7 @@ class FedPipeline:
         finally:
             self.pipe.release_outputs()
 
-    def drain(self) -> list[_Step]:
+    def drain(self) -> list[Step]:
         """Takes and discards every step in flight; returns them."""
         steps = list(self.in_flight)
         try:
@@ -328,6 +340,42 @@ class FedPipeline:
         except _StepFailed:
             self.restart()
         return steps
+
+    def steps(self, batches: list[np.ndarray], inputs_for: Callable[[HostBatch, int], dict],
+              key: Callable[[], object] = lambda: None) -> Iterator[tuple[Step, list[torch.Tensor]]]:
+        """Feeds `batches` in order, keeping up to `prefetch` steps in flight; yields each step with its
+        outputs. Steps fed under another `key()` than the current one are fed again before any is yielded.
+        Steps whose samples were all skipped as corrupt yield nothing."""
+        token = self.begin(max((len(b) for b in batches), default=1))
+        reads: dict[int, Future] = {}
+        next_feed = taken = 0
+        while taken < len(batches):
+            if self.generation != token:
+                raise RuntimeError("this iterator was superseded by a newer one on the same DALI loader")
+            if any(step.key != key() for step in self.in_flight):
+                for step in self.drain():  # fed before the switch: feed them again with what is current now
+                    reads[step.position] = _done(step.host)
+                next_feed = taken
+            for ahead in range(next_feed, min(next_feed + self.prefetch + 2, len(batches))):
+                if ahead not in reads:
+                    reads[ahead] = self.reader.submit(batches[ahead])
+            while len(self.in_flight) < self.prefetch and next_feed < len(batches):
+                host = (reads.pop(next_feed, None) or self.reader.submit(batches[next_feed])).result()
+                if len(host):
+                    self.feed(inputs_for(host, next_feed), Step(next_feed, key(), host))
+                next_feed += 1
+            if not self.in_flight:  # every remaining batch was skipped
+                return
+            try:
+                step, outputs = self.take()
+            except _StepFailed as failed:
+                for step in self.restart():
+                    reads[step.position] = _done(step.host)
+                reads[failed.step.position] = _done(self.reader.drop_undecodable(failed.step.host, failed.error))
+                next_feed = failed.step.position
+                continue
+            taken = step.position + 1
+            yield step, outputs
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
@@ -345,73 +393,6 @@ class FedPipeline:
         # private: this waits for the copy only, not for the training step queued on `consumer`.
         self._copy_stream.synchronize()
         return out
-
-
-def run_steps(fed: FedPipeline, reader: HostReader, batches: list[np.ndarray],
-               inputs_for: Callable[[HostBatch, int], dict], key: Callable[[], object], prefetch: int
-               ) -> Iterator[tuple[_Step, list[torch.Tensor]]]:
-    """Feeds `batches` in order, keeping up to `prefetch` steps in flight; yields each step with its
-    outputs. Steps fed under another `key()` than the current one are fed again before any is yielded.
-    Steps whose samples were all skipped as corrupt yield nothing."""
-    token = fed.begin(max((len(b) for b in batches), default=1))
-    reads: dict[int, Future] = {}
-    next_feed = taken = 0
-    while taken < len(batches):
-        if fed.generation != token:
-            raise RuntimeError("this iterator was superseded by a newer one on the same DALI loader")
-        if any(step.key != key() for step in fed.in_flight):
-            for step in fed.drain():  # fed before the switch: feed them again with what is current now
-                reads[step.position] = _done(step.host)
-            next_feed = taken
-        for ahead in range(next_feed, min(next_feed + prefetch + 2, len(batches))):
-            if ahead not in reads:
-                reads[ahead] = reader.submit(batches[ahead])
-        while len(fed.in_flight) < prefetch and next_feed < len(batches):
-            host = (reads.pop(next_feed, None) or reader.submit(batches[next_feed])).result()
-            if len(host):
-                fed.feed(inputs_for(host, next_feed), _Step(next_feed, key(), host))
-            next_feed += 1
-        if not fed.in_flight:  # every remaining batch was skipped
-            return
-        try:
-            step, outputs = fed.take()
-        except _StepFailed as failed:
-            for step in fed.restart():
-                reads[step.position] = _done(step.host)
-            reads[failed.step.position] = _done(reader.drop_undecodable(failed.step.host, failed.error))
-            next_feed = failed.step.position
-            continue
-        taken = step.position + 1
-        yield step, outputs
-
-
-class PipelineDriver:
-    """What each DALI loader drives: a graph of pipelines.py, fed by a HostReader over `dataset`.
-
-    graph: a `@pipeline_def` function taking the input's name (pipelines.ENCODED for files,
-    pipelines.ARRAYS for arrays) and DALI's pipeline arguments; it is built again at each restart.
-    """
-
-    def __init__(self, dataset: ArrayImages | FileImages, device: torch.device, graph: Callable, *,
-                 num_threads: int, skip_corrupt: bool, prefetch: int):
-        from rela.data.dali.pipelines import ARRAYS, ENCODED
-
-        self.reader = HostReader(dataset, skip_corrupt=skip_corrupt, num_threads=num_threads)
-        self.data_name = ENCODED if self.reader.files else ARRAYS
-        self.prefetch = max(1, prefetch)
-        self._graph, self._num_threads = graph, num_threads
-        self.fed = FedPipeline(self._build, device)
-
-    def _build(self, batch_size: int):
-        pipe = self._graph(self.data_name, batch_size=batch_size, num_threads=self._num_threads,
-                           device_id=_device_id(self.fed.device))
-        pipe.build()
-        return pipe
-
-    def steps(self, batches: list[np.ndarray], inputs_for: Callable[[HostBatch, int], dict],
-              key: Callable[[], object] = lambda: None) -> Iterator[tuple[_Step, list[torch.Tensor]]]:
-        """run_steps on this driver's pipeline and reader."""
-        return run_steps(self.fed, self.reader, batches, inputs_for, key, self.prefetch)
 
 
 def _device_id(device: torch.device) -> int | None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from rela.data.budget import BudgetSampler
-from rela.data.dali.driver import HostBatch, PipelineDriver, draw_view_params, eval_params
+from rela.data.dali.driver import FedPipeline, HostBatch, draw_view_params, eval_params
 from rela.data.datasets import ArrayImages, FileImages
 from rela.data.interfaces import TrainBatch
 from rela.data.views import VIEW_MODES, Normalize, view_pair
@@ -45,8 +45,8 @@ class DaliTrainLoader:
                         std=normalize.std.flatten().tolist(),
                         half=normalize.dtype in (torch.float16, torch.bfloat16),  # DALI has no bf16: cast after
                         channels_last=normalize.channels_last, solarize=self._solarize)
-        self._driver = PipelineDriver(dataset, self.device, graph, num_threads=num_threads,
-                                      skip_corrupt=skip_corrupt, prefetch=prefetch)
+        self._pipeline = FedPipeline(dataset, self.device, graph, num_threads=num_threads,
+                                     skip_corrupt=skip_corrupt, prefetch=prefetch)
         self.set_view_mode(view_mode)
 
     @property
@@ -59,7 +59,7 @@ class DaliTrainLoader:
 
     @property
     def skipped(self) -> set[int]:
-        return self._driver.reader.skipped
+        return self._pipeline.reader.skipped
 
     def set_view_mode(self, mode: str) -> None:
         self._view_mode = mode
@@ -71,7 +71,7 @@ class DaliTrainLoader:
         def inputs_for(host: HostBatch, position: int) -> dict:
             # The step's own generator: its views depend on (seed, epoch, step) only.
             rng = np.random.default_rng([self.seed % 2 ** 63, epoch, start_step + position])
-            inputs = {self._driver.data_name: host.data}
+            inputs = {self._pipeline.data_name: host.data}
             for v, (spec, solarize) in enumerate(zip(self.views, self._solarize), start=1):
                 params = draw_view_params(spec, host.sizes, self.image_size, rng)
                 if not solarize:
@@ -84,7 +84,7 @@ class DaliTrainLoader:
 
         # A step is fed again when the mode or pair changed after it was fed, so the mode it carries
         # (key[0]) is the one its views were made with.
-        for step, (view1, view2) in self._driver.steps(batches, inputs_for, lambda: (self.view_mode, self.views)):
+        for step, (view1, view2) in self._pipeline.steps(batches, inputs_for, lambda: (self.view_mode, self.views)):
             index = torch.from_numpy(step.host.index).to(self.device, non_blocking=True)
             yield TrainBatch(self._finish(view1), self._finish(view2), index, self.labels.index_select(0, index),
                              views=step.key[0])
@@ -113,12 +113,12 @@ class DaliImageSource:
         from rela.data.dali.pipelines import eval_pipeline
 
         self.dataset, self.device = dataset, torch.device(device)
-        self._driver = PipelineDriver(dataset, self.device, eval_pipeline, num_threads=num_threads,
-                                      skip_corrupt=skip_corrupt, prefetch=prefetch)
+        self._pipeline = FedPipeline(dataset, self.device, eval_pipeline, num_threads=num_threads,
+                                     skip_corrupt=skip_corrupt, prefetch=prefetch)
 
     @property
     def skipped(self) -> set[int]:
-        return self._driver.reader.skipped
+        return self._pipeline.reader.skipped
 
     def iterate(self, batches: Sequence[np.ndarray], *, mode: str = "eval", size: int,
                 crop_fraction: float = 0.875) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -137,11 +137,11 @@ class DaliImageSource:
     def _steps(self, batches, mode: str, size: int, crop_fraction: float):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
-        in_memory = not self._driver.reader.files
+        in_memory = not self._pipeline.reader.files
 
         def inputs_for(host: HostBatch, position: int) -> dict:
-            return {self._driver.data_name: host.data,
+            return {self._pipeline.data_name: host.data,
                     **eval_params(host.sizes, mode, size, crop_fraction, in_memory)}
 
-        for step, (images,) in self._driver.steps(list(batches), inputs_for):
+        for step, (images,) in self._pipeline.steps(list(batches), inputs_for):
             yield step, images
