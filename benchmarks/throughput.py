@@ -4,14 +4,15 @@
         [--dataset digits] [--data PATH] [--arch A] [--batch-size B] [--image-size S] [--precision fp32|bf16]
         [--prior rand] [--budgets 0.1 0.2 0.5] [--seeds 3] [--epochs N] [--probe-epochs N] [--skip PART ...]
 
-1. Step throughput (images/s; each image is two views): rela.step.train_step, the trainer's own step, on a
-   Learner built as rela/train.py builds it (no DDP), on synthetic batches resident on the device: a BYOL
-   step, a RELA-phase step (no target-network forward), each with the fused ops on and off, next to a plain
+1. Step throughput (images/s; each image is two views): rela.step.train_step, the trainer's own step, on
+   the networks rela.run.build_networks builds for the trainer (no DDP), on synthetic batches resident on
+   the device: a BYOL step, a RELA-phase step (no target-network forward), each with the fused ops on and off, next to a plain
    supervised step (cross-entropy, SGD) of the same backbone on the same batch and the prior's forward.
    Interleaved rounds (every method once per round), the median; CUDA events on a GPU. On the CPU the
    fused path would be Triton's interpreter, which is not timed. The loader's own images/s on the dataset
    (TorchTrainLoader; DALI too where installed and on a GPU) says whether the step or the loader bounds.
-2. Target bank: a fresh bank built with prepare_target_bank for the chosen prior; seconds per 1,000 images.
+2. Target bank: a fresh bank built by the trainer's rela.run.build_target_bank for the chosen prior;
+   seconds per 1,000 images.
 3. Wall-clock saving: rela.train.run for BYOL at 100% (--prior none --budget 1.0) and RELA at each budget,
    each seed, a fresh bank folder per run so the bank build is counted in wall_clock_s (which also holds
    the evaluation). Reports per-seed and mean wall-clock, images seen, linear-probe and kNN accuracy, and
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import importlib.util
 import os
@@ -51,18 +53,16 @@ from benchmarks.timing import environment, print_table, time_fn, write_json  # n
 from rela.config import PRESETS, Config, resolve_config  # noqa: E402
 from rela.data.budget import BudgetSampler  # noqa: E402
 from rela.data.datasets import load_dataset  # noqa: E402
+from rela.data.factory import build_image_source, build_train_loader, choose_loader  # noqa: E402
 from rela.data.loader import TrainBatch  # noqa: E402
-from rela.data.views import Normalize, resize_center_crop  # noqa: E402
+from rela.data.views import Normalize  # noqa: E402
 from rela.errors import RelaError  # noqa: E402
-from rela.methods.byol import ByolNetworks  # noqa: E402
-from rela.methods.learner import Learner  # noqa: E402
-from rela.methods.rela import RelaMap  # noqa: E402
 from rela.models.backbones import build_backbone  # noqa: E402
-from rela.optim import build_optimizer  # noqa: E402
 from rela.prior.specs import load_prior  # noqa: E402
-from rela.prior.target_bank import TargetBank, prepare_target_bank  # noqa: E402
-from rela.step import make_ema_updater, train_step  # noqa: E402
-from rela.train import build_image_source, build_train_loader, choose_loader, run  # noqa: E402
+from rela.prior.target_bank import TargetBank  # noqa: E402
+from rela.run import build_networks, build_target_bank, center_crop_fraction, peak_learning_rate  # noqa: E402
+from rela.step import train_step  # noqa: E402
+from rela.train import run  # noqa: E402
 from rela.utils.distributed import DistInfo  # noqa: E402
 from rela.utils.progress import RunLog  # noqa: E402
 
@@ -102,20 +102,20 @@ def setup_from_config(label: str, cfg: Config, precision: str, device: torch.dev
 # ---------------------------------------------------------------------------------------------------------
 
 class TrainerStep:
-    """The trainer's step (rela.step.train_step) on a Learner built as rela/train.py builds it."""
+    """The trainer's step (rela.step.train_step) on the networks that rela.run.build_networks builds for
+    `python -m rela.train` (no DDP), fed synthetic batches resident on the device."""
 
     def __init__(self, setup: StepSetup, device: torch.device, fused: bool, seed: int = 0):
-        memory_format = torch.channels_last if setup.channels_last else torch.preserve_format
-        backbone = build_backbone(setup.arch, seed=seed)
-        nets = ByolNetworks(backbone, setup.proj_hidden, setup.proj_dim)
+        cfg = resolve_config({"arch": setup.arch, "batch_size": setup.batch_size, "image_size": setup.image_size,
+                              "proj_hidden": setup.proj_hidden, "proj_dim": setup.proj_dim,
+                              "optimizer": setup.optimizer, "lr": setup.lr, "weight_decay": setup.weight_decay,
+                              "base_momentum": setup.base_momentum, "seed": seed})
+        backbone = build_backbone(cfg.arch, seed=cfg.seed)
         # The bank is PCA-reduced to the backbone's width, so the map is square.
-        rela_map = RelaMap(backbone.feature_dim, backbone.feature_dim, False, seed=seed + 2)
-        self.learner = Learner(nets, rela_map, setup.num_classes).to(device, memory_format=memory_format)
-        self.ema = make_ema_updater(self.learner, fused)
-        self.lr = setup.lr * setup.batch_size / 256
-        self.optimizer = build_optimizer(self.learner.named_parameters(), setup.optimizer, self.lr,
-                                         setup.weight_decay)
-        self.momentum, self.fused = setup.base_momentum, fused
+        self.learner, _, self.ema, self.optimizer = build_networks(
+            cfg, backbone, backbone.feature_dim, setup.num_classes, DistInfo(), device,
+            channels_last=setup.channels_last, fused=fused)
+        self.lr, self.momentum, self.fused = peak_learning_rate(cfg), cfg.base_momentum, fused
         self.autocast_dtype = torch.bfloat16 if setup.precision == "bf16" else None
         rows = 4 * setup.batch_size
         self.bank = TargetBank(torch.randn(rows, backbone.feature_dim, device=device), {}, 0.0, reused=False)
@@ -289,32 +289,20 @@ def bottlenecks(loader_rows: list[dict], step_rows: list[dict], setup_label: str
 # ---------------------------------------------------------------------------------------------------------
 
 def build_fresh_bank(cfg: Config, device: torch.device, bank_dir: Path) -> dict:
-    """Builds the bank exactly as rela/train.py does, in an empty folder, and times it."""
+    """Builds the bank with the trainer's own rela.run.build_target_bank, in an empty folder, and times it."""
     splits = load_dataset(cfg.dataset, cfg.data, split_seed=cfg.seed, val_fraction=cfg.val_fraction)
-    crop_fraction = 1.0 if splits.in_memory else 0.875
     source = build_image_source(cfg, splits.train, device, choose_loader(cfg, device))
     target_dim = build_backbone(cfg.arch).feature_dim
-    prior = load_prior(cfg.prior, arch=cfg.arch, image_size=cfg.image_size, seed=cfg.seed + 1,
-                       prior_size=cfg.prior_size, data_mean=splits.mean, data_std=splits.std)
-    prior_normalize = Normalize(prior.mean, prior.std, device)
-
-    def load_prior_images(indices: torch.Tensor) -> torch.Tensor:
-        images = source.load(indices, size=prior.input_size, crop_fraction=crop_fraction)
-        return prior_normalize(resize_center_crop(images, prior.input_size, 1.0))
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    bank = prepare_target_bank(
-        prior, load_prior_images, num_rows=len(splits.train), dataset_fingerprint=splits.train.fingerprint(),
-        dataset_name=cfg.dataset, crop_fraction=crop_fraction, target_dim=target_dim, bank_dir=bank_dir,
-        batch_size=cfg.bank_batch_size, dist=DistInfo(), device=device, log=RunLog(None, enabled=False),
-        show_progress=False)
+    bank = build_target_bank(dataclasses.replace(cfg, bank_dir=str(bank_dir), progress=False), splits, source,
+                             center_crop_fraction(splits), target_dim, DistInfo(), device, RunLog(None, enabled=False))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     assert not bank.reused, "a fresh bank folder must not hold a bank"
-    return {"seconds": seconds, "images": len(splits.train), "dim": bank.dim, "prior_input_size": prior.input_size}
+    return {"seconds": seconds, "images": len(splits.train), "dim": bank.dim, "prior_input_size": bank.key["input_size"]}
 
 
 def time_bank(cfg: Config, device: torch.device, repeats: int) -> dict:

@@ -1,13 +1,14 @@
 """One optimiser step of the trainer, shared by the training loop and benchmarks/throughput.py."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from rela.data.loader import TrainBatch
+from rela.data.interfaces import TrainBatch
 from rela.methods.learner import Learner
 from rela.prior.target_bank import TargetBank
 
@@ -40,7 +41,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ema: Callable
     step_loss = step_probe_loss = step_probe_accuracy = 0.0
     for i, batch in enumerate(micro_batches):
         targets = bank.lookup(batch.index) if phase == "rela" else None
-        no_sync = model.no_sync() if (i < last and isinstance(model, DistributedDataParallel)) else _nothing()
+        no_sync = model.no_sync() if (i < last and isinstance(model, DistributedDataParallel)) else nullcontext()
         with no_sync, torch.autocast(batch.view1.device.type, dtype=autocast_dtype,
                                      enabled=autocast_dtype is not None):
             loss, probe_loss, probe_accuracy = model(batch.view1, batch.view2, batch.label, targets, phase, fused)
@@ -54,10 +55,3 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ema: Callable
     ema(momentum)
     return step_loss, step_probe_loss, step_probe_accuracy
 
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

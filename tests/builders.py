@@ -40,3 +40,34 @@ def write_cifar10(root: Path, per_batch: int = 40, seed: int = 0) -> Path:
 
 FAST_ARGS = ["--arch", "small_resnet", "--image-size", "16", "--epochs", "1", "--batch-size", "16",
              "--probe-epochs", "5", "--no-progress", "--workers", "0"]
+
+
+BANDS, BAND_ROWS = 8, 4  # 32 rows: band 0 bright and band 7 dark (references), bands 1-6 the id's bits
+
+
+def write_striped_cifar10(root: Path, per_batch: int = 12) -> Path:
+    """CIFAR-10 batches whose image with global training index g shows g in horizontal grey bands that
+    survive the views (whole-image crops, horizontal flips, monotone colour jitter): see `decode_ids`."""
+    root.mkdir(parents=True, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for b, name in enumerate(names):
+        ids = np.arange(b * per_batch, (b + 1) * per_batch) % 2 ** (BANDS - 2)
+        levels = np.empty((per_batch, BANDS), np.uint8)
+        levels[:, 0], levels[:, -1] = 200, 60
+        for bit in range(BANDS - 2):
+            levels[:, bit + 1] = np.where((ids >> bit) & 1, 200, 60)
+        rows = np.repeat(levels, BAND_ROWS, axis=1)                        # (n, 32)
+        images = np.broadcast_to(rows[:, None, :, None], (per_batch, 3, 32, 32))
+        with open(root / name, "wb") as fh:
+            pickle.dump({b"data": images.reshape(per_batch, -1).copy(), b"labels": (ids % 10).tolist()}, fh)
+    return root
+
+
+def decode_ids(views) -> "np.ndarray":
+    """The ids that `write_striped_cifar10` drew into a batch of views (B, 3, 32, 32), from the middle
+    rows of each band against the midpoint of the two reference bands."""
+    rows = views.float().mean(dim=(1, 3)).cpu().numpy()                  # (B, 32)
+    bands = rows.reshape(len(rows), BANDS, BAND_ROWS)[:, :, 1:3].mean(-1)  # (B, 8)
+    threshold = (bands[:, :1] + bands[:, -1:]) / 2
+    bits = bands[:, 1:-1] > threshold
+    return (bits * (1 << np.arange(BANDS - 2))).sum(1)

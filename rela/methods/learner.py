@@ -18,13 +18,17 @@ class Learner(nn.Module):
         self.nets, self.rela_map = nets, rela_map
         # The online probe reads detached features, so it measures the backbone without steering it.
         self.probe = nn.Linear(nets.backbone.feature_dim, num_classes)
+        self.last_step_fn: str | None = None  # the step function the last forward ran, for the run's log
+
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, label: torch.Tensor, targets: torch.Tensor | None,
                 phase: str, fused: bool | None):
         if phase == "rela":
-            loss, features = rela_step(self.nets.backbone, self.rela_map, view1, view2, targets, fused=fused)
+            step_fn, (loss, features) = rela_step, rela_step(self.nets.backbone, self.rela_map, view1, view2,
+                                                             targets, fused=fused)
         else:
-            loss, features = byol_step(self.nets, view1, view2, fused=fused)
+            step_fn, (loss, features) = byol_step, byol_step(self.nets, view1, view2, fused=fused)
+        self.last_step_fn = step_fn.__name__
         logits = self.probe(features.detach().float())
         labels = torch.cat([label, label])
         probe_loss = F.cross_entropy(logits, labels)

@@ -1,4 +1,6 @@
-"""Atomic writes: a temporary file beside the target, fsync, rename, fsync of the folder. A crash at
+"""A run's saved state: the one list of what a checkpoint holds, and the one save/restore pair.
+
+Writes are atomic: a temporary file beside the target, fsync, rename, fsync of the folder. A crash at
 any point leaves either the old file or the new one, never a torn one."""
 from __future__ import annotations
 
@@ -6,12 +8,18 @@ import io
 import json
 import os
 import re
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rela.config import TRAJECTORY_OPTIONS, config_to_dict
 from rela.errors import RelaError
+from rela.utils.distributed import barrier, gather_objects
+
+if TYPE_CHECKING:  # rela.run imports this module
+    from rela.run import Run
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -79,3 +87,44 @@ def standalone_state_dict(module) -> dict:
     into shared flat buffers (buffers of mixed dtypes share one int64 word buffer), which torch.save
     cannot serialise as they are."""
     return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def save_checkpoint(run: "Run") -> Path:
+    """Saves what a run needs to continue exactly: the learner (online, target, map, probe), the optimiser,
+    the phase controller, every rank's loader (sampler and augmentation RNG), the step state; and the
+    options and rank count it was made with. `restore_checkpoint` reads back each entry.
+    Collective: every rank calls it (the loaders' states are gathered); rank 0 writes."""
+    loader_states = gather_objects(run.loader.state_dict(), run.dist)
+    path = checkpoint_path(run.run_dir, run.state.step)
+    if run.dist.is_main:
+        train_state = {**run.state.__dict__, "elapsed_s": run.elapsed_s()}
+        atomic_torch_save({"learner": standalone_state_dict(run.learner), "optimizer": run.optimizer.state_dict(),
+                           "controller": run.controller.state_dict(), "loader": loader_states,
+                           "train_state": train_state, "config": config_to_dict(run.cfg),
+                           "world_size": run.dist.world_size}, path)
+        prune_checkpoints(run.run_dir)
+    barrier()
+    return path
+
+
+def restore_checkpoint(run: "Run", path: Path) -> None:
+    """Puts the saved state into a freshly built run; refuses a checkpoint of another trajectory."""
+    saved = load_checkpoint(path)
+    check_resumable(saved, run, path)
+    run.learner.load_state_dict(saved["learner"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.controller.load_state_dict(saved["controller"])
+    run.loader.load_state_dict(saved["loader"][run.dist.rank])
+    run.state = type(run.state)(**saved["train_state"])
+    run.segment_start = time.time()
+
+
+def check_resumable(saved: dict, run: "Run", path: Path) -> None:
+    """A resumed run continues the same trajectory: same options that shape it, same number of ranks."""
+    before, now = saved.get("config", {}), config_to_dict(run.cfg)
+    changed = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {now[k]!r}" for k in TRAJECTORY_OPTIONS
+               if before.get(k) != now[k]]
+    if saved.get("world_size", 1) != run.dist.world_size:
+        changed.append(f"ranks {saved.get('world_size', 1)} -> {run.dist.world_size}")
+    if changed:
+        raise RelaError(f"cannot resume {path} with other settings: {'; '.join(changed)}")

@@ -66,6 +66,15 @@ def all_gather_rows(tensor: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return torch.cat([g[:n] for g, n in zip(gathered, counts)])
 
 
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's `obj` (picklable), in rank order; [obj] without a process group."""
+    if not info.enabled:
+        return [obj]
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -62,3 +62,16 @@ def test_earliest_plateau_step_is_a_true_lower_bound():
         _, crossed_at = transcription(losses)
         assert crossed_at is None or crossed_at >= earliest
     assert transcription([2.0] * 600)[1] == earliest
+
+
+def test_flat_loss_hands_over_and_falling_loss_does_not_at_the_default_threshold():
+    """Over the same 1,500 steps: a loss that has stopped falling plateaus; one still falling steadily
+    (by 2e-4 a step, from the fast average's starting value) does not."""
+    steps = 1500
+    flat, falling = PhaseController(torch.device("cpu")), PhaseController(torch.device("cpu"))
+    for step in range(1, steps + 1):
+        flat.update(torch.tensor(0.95), step)
+        falling.update(torch.tensor(1.0 - 2e-4 * step), step)
+    assert flat.threshold == 0.995
+    assert flat.done.item() and 0 < flat.plateau_step.item() < steps
+    assert not falling.done.item() and falling.plateau_step.item() == -1

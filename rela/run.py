@@ -1,0 +1,214 @@
+"""What a run is made of, and how it is built from its options: `build_run(cfg, dist, device) -> Run`.
+
+The trainer (`rela.train`) and `benchmarks/throughput.py` both build their runs here, so what a benchmark
+times is what `python -m rela.train` runs. Building order matters for exact reproduction: the heads and
+the online probe draw their initial weights from torch's global generator, seeded by `--seed`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from rela.config import Config
+from rela.data.budget import BudgetSampler
+from rela.data.datasets import DatasetSplits, load_dataset
+from rela.data.factory import create_loaders
+from rela.data.interfaces import ImageSource, TrainLoader
+from rela.data.views import Normalize, resize_center_crop
+from rela.errors import RelaError
+from rela.methods.byol import ByolNetworks, target_momentum
+from rela.methods.learner import Learner
+from rela.methods.rela import PhaseController, RelaMap
+from rela.models.backbones import build_backbone
+from rela.optim import build_optimizer, learning_rate
+from rela.prior.specs import load_prior
+from rela.prior.target_bank import TargetBank, prepare_target_bank
+from rela.step import make_ema_updater
+from rela.utils.distributed import DistInfo
+from rela.utils.progress import RunLog
+
+
+@dataclass
+class TrainState:
+    """What survives a restart besides the modules, the optimiser, the controller and the loader."""
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    phase: str = "byol"
+    rela_phase_end_step: int | None = None
+    rela_phase_ended_by: str | None = None  # "plateau", "fraction", or "end of training"
+    images_seen: int = 0
+    elapsed_s: float = 0.0  # wall-clock of the earlier segments of a resumed run (bank build included)
+    target_bank_s: float = 0.0
+    online_probe_top1: float | None = None  # at the last logging step
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The step-indexed schedules: warm-up + cosine learning rate, BYOL's EMA momentum, the RELA phase end."""
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    base_momentum: float
+    rela_end_fixed: int | None  # None: the adaptive rule decides
+
+    def lr(self, step: int) -> float:
+        return learning_rate(step, self.total_steps, self.warmup_steps, self.peak_lr)
+
+    def momentum(self, step: int) -> float:
+        return target_momentum(step, self.total_steps, self.base_momentum)
+
+
+@dataclass
+class Run:
+    cfg: Config
+    dist: DistInfo
+    device: torch.device
+    run_dir: Path
+    log: RunLog
+    splits: DatasetSplits
+    use_dali: bool
+    crop_fraction: float
+    train_source: ImageSource
+    loader: TrainLoader
+    sampler: BudgetSampler
+    bank: TargetBank | None
+    learner: Learner          # the module that owns every weight
+    model: nn.Module          # what the step calls: the learner, or DDP around it
+    ema: Callable[[float], None]  # the target network's EMA step: ema(momentum)
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    controller: PhaseController
+    autocast_dtype: torch.dtype | None
+    fused: bool | None
+    state: TrainState
+    segment_start: float = field(default_factory=time.time)  # start of this process's part of the run
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.sampler.steps_per_epoch // self.cfg.grad_accum)
+
+    def elapsed_s(self) -> float:
+        """Wall-clock of the whole run so far, across resumes."""
+        return self.state.elapsed_s + time.time() - self.segment_start
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RelaError("--device cuda asked for, but torch sees no CUDA device")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def build_run(cfg: Config, dist: DistInfo, device: torch.device, run_dir: Path, log: RunLog,
+              start_time: float | None = None) -> Run:
+    """Everything a run needs, freshly initialised (a resume then restores its state into it)."""
+    start_time = time.time() if start_time is None else start_time
+    if cfg.batch_size % (dist.world_size * cfg.grad_accum):
+        raise RelaError(f"--batch-size {cfg.batch_size} must divide by ranks x --grad-accum "
+                        f"({dist.world_size} x {cfg.grad_accum})")
+    micro_batch = cfg.batch_size // (dist.world_size * cfg.grad_accum)
+    autocast_dtype = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")) else None
+    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    fused = {"auto": None, "on": True, "off": False}[cfg.fused_ops]
+
+    splits = load_dataset(cfg.dataset, cfg.data, split_seed=cfg.seed, val_fraction=cfg.val_fraction)
+    sampler = BudgetSampler(len(splits.train), cfg.budget, micro_batch, seed=cfg.seed, rank=dist.rank,
+                            world_size=dist.world_size)
+    # Views leave the loader in the autocast dtype (bf16 on CUDA) and layout the model wants.
+    normalize = Normalize(splits.mean, splits.std, device, dtype=autocast_dtype or torch.float32,
+                          channels_last=channels_last)
+    loaders = create_loaders(cfg, splits, sampler, normalize, device, seed=cfg.seed * 7919 + dist.rank)
+    crop_fraction = center_crop_fraction(splits)
+    log.info(f"{cfg.dataset}: {len(splits.train)} train / {len(splits.val)} val images, {splits.num_classes} "
+             f"classes; {dist.world_size} rank(s) on {device}; loader {'dali' if loaders.use_dali else 'torch'}")
+
+    backbone = build_backbone(cfg.arch, seed=cfg.seed)
+    bank = build_target_bank(cfg, splits, loaders.train_source, crop_fraction, backbone.feature_dim, dist, device, log)
+
+    learner, model, ema, optimizer = build_networks(cfg, backbone, bank.dim if bank else None, splits.num_classes,
+                                                    dist, device, channels_last=channels_last, fused=fused)
+
+    schedule = _build_schedule(cfg, -(-sampler.steps_per_epoch // cfg.grad_accum))
+    controller = PhaseController(device, threshold=cfg.rela_threshold)
+    if bank is not None and schedule.rela_end_fixed is None and schedule.total_steps < controller.earliest_plateau_step():
+        log.info(f"note: the adaptive rule cannot end the RELA phase in {schedule.total_steps} steps (its moving "
+                 f"averages need {controller.earliest_plateau_step()} or more): this run stays in RELA throughout; "
+                 "--rela-phase FRACTION hands over to BYOL at a set point")
+    state = TrainState(phase="rela" if bank is not None else "byol", target_bank_s=bank.build_seconds if bank else 0.0)
+    loaders.train_loader.set_view_mode(state.phase)
+    return Run(cfg=cfg, dist=dist, device=device, run_dir=run_dir, log=log, splits=splits, use_dali=loaders.use_dali,
+               crop_fraction=crop_fraction, train_source=loaders.train_source, loader=loaders.train_loader, sampler=sampler, bank=bank,
+               learner=learner, model=model, ema=ema, optimizer=optimizer, schedule=schedule,
+               controller=controller, autocast_dtype=autocast_dtype, fused=fused, state=state,
+               segment_start=start_time)
+
+
+def center_crop_fraction(splits: DatasetSplits) -> float:
+    """The centre crop of the prior's pass and of evaluation: small in-memory images keep their whole frame."""
+    return 1.0 if splits.in_memory else 0.875
+
+
+def build_target_bank(cfg: Config, splits: DatasetSplits, train_source: ImageSource, crop_fraction: float,
+                      target_dim: int, dist: DistInfo, device: torch.device, log: RunLog) -> TargetBank | None:
+    """The prior's PCA-reduced features of every training image (None for --prior none)."""
+    prior_seed = cfg.seed + 1 if cfg.prior_seed is None else cfg.prior_seed
+    prior = load_prior(cfg.prior, arch=cfg.arch, image_size=cfg.image_size, seed=prior_seed,
+                       prior_size=cfg.prior_size, data_mean=splits.mean, data_std=splits.std)
+    if prior is None:
+        return None
+    prior_normalize = Normalize(prior.mean, prior.std, device)
+
+    def load_prior_images(indices: torch.Tensor) -> torch.Tensor:
+        images = train_source.load(indices, size=prior.input_size, crop_fraction=crop_fraction)
+        return prior_normalize(resize_center_crop(images, prior.input_size, 1.0))
+
+    bank = prepare_target_bank(
+        prior, load_prior_images, num_rows=len(splits.train), dataset_fingerprint=splits.train.fingerprint(),
+        dataset_name=cfg.dataset, crop_fraction=crop_fraction, target_dim=target_dim,
+        bank_dir=Path(cfg.bank_dir), batch_size=cfg.bank_batch_size, dist=dist, device=device, log=log,
+        explicit_path=Path(cfg.target_bank) if cfg.target_bank else None, show_progress=cfg.progress)
+    log.info(f"target bank ready in {bank.build_seconds:.1f}s ({'reused' if bank.reused else 'built'})")
+    return bank
+
+
+def build_networks(cfg: Config, backbone: nn.Module, target_dim: int | None, num_classes: int, dist: DistInfo,
+                   device: torch.device, *, channels_last: bool, fused: bool | None
+                   ) -> tuple[Learner, nn.Module, Callable[[float], None], torch.optim.Optimizer]:
+    """The learner (BYOL's networks, RELA's map W when there is a target bank, the online probe) on its
+    device; its EMA step; its optimiser; and what the step calls (DDP around the learner under torchrun)."""
+    nets = ByolNetworks(backbone, cfg.proj_hidden, cfg.proj_dim)
+    rela_map = RelaMap(backbone.feature_dim, target_dim, cfg.rela_train_map, seed=cfg.seed + 2) if target_dim else None
+    learner = Learner(nets, rela_map, num_classes)
+    if cfg.sync_bn and device.type != "cuda":
+        raise RelaError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
+    if cfg.sync_bn and dist.enabled:
+        learner = nn.SyncBatchNorm.convert_sync_batchnorm(learner)
+    learner = learner.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    ema = make_ema_updater(learner, fused)  # before the optimiser and DDP: it moves weights into flat buffers
+    optimizer = build_optimizer(learner.named_parameters(), cfg.optimizer, peak_learning_rate(cfg), cfg.weight_decay)
+    model: nn.Module = learner
+    if dist.enabled:
+        # In the RELA phase the projector and predictor get no gradient, so DDP must look for unused ones.
+        model = DistributedDataParallel(learner, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=rela_map is not None)
+    return learner, model, ema, optimizer
+
+
+def peak_learning_rate(cfg: Config) -> float:
+    """--lr is per 256 images: scaled linearly with the global batch size."""
+    return cfg.lr * cfg.batch_size / 256
+
+
+def _build_schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
+    total_steps = cfg.epochs * steps_per_epoch
+    rela_end_fixed = None if cfg.rela_phase == "adaptive" else max(1, round(float(cfg.rela_phase) * total_steps))
+    return Schedule(total_steps=total_steps, warmup_steps=max(1, int(cfg.warmup_epochs * steps_per_epoch)),
+                    peak_lr=peak_learning_rate(cfg), base_momentum=cfg.base_momentum, rela_end_fixed=rela_end_fixed)

@@ -1,0 +1,65 @@
+"""The end of a run: `evaluate(run)` (linear probe and kNN on frozen backbone features) and
+`write_summary(run, results)` (summary.json, backbone.pt, the closing log line)."""
+from __future__ import annotations
+
+import time
+
+from rela.data.factory import build_image_source
+from rela.data.views import Normalize
+from rela.eval.features import extract_features
+from rela.eval.knn import knn_accuracy
+from rela.eval.linear_probe import linear_probe_accuracy
+from rela.run import Run
+from rela.utils import distributed as dist_utils
+from rela.utils.checkpoint import atomic_torch_save, atomic_write_json, standalone_state_dict
+from rela.utils.digest import state_digest
+
+
+def evaluate(run: Run) -> dict:
+    """Linear-probe and kNN top-1 (percent) of the online backbone on the held-out split, and the
+    evaluation's own time. Collective: features are extracted on each rank's shard and gathered."""
+    cfg = run.cfg
+    # DDP broadcasts BN buffers only at the start of a forward: after the last step each rank holds its own
+    # last batch's statistics. Rank 0's, for every rank, so replicas (and evaluation shards) agree.
+    dist_utils.broadcast_buffers_(run.learner)
+    start = time.time()
+    backbone = run.learner.nets.backbone
+    val_source = build_image_source(cfg, run.splits.val, run.device, run.use_dali)
+    common = dict(size=cfg.image_size, crop_fraction=run.crop_fraction,
+                  normalize=Normalize(run.splits.mean, run.splits.std, run.device), batch_size=cfg.eval_batch_size,
+                  dist=run.dist, autocast_dtype=run.autocast_dtype, show_progress=cfg.progress)
+    train_x, train_y = extract_features(backbone, run.train_source, **common)
+    val_x, val_y = extract_features(backbone, val_source, **common)
+    num_classes = run.splits.num_classes
+    linear = linear_probe_accuracy(train_x, train_y, val_x, val_y, num_classes, epochs=cfg.probe_epochs, seed=cfg.seed)
+    knn = knn_accuracy(train_x, train_y, val_x, val_y, num_classes, k=cfg.knn_k, temperature=cfg.knn_temperature)
+    return {"linear_probe_top1": 100 * linear, "knn_top1": 100 * knn, "eval_s": time.time() - start}
+
+
+def write_summary(run: Run, results: dict) -> dict:
+    """summary.json and backbone.pt on rank 0; the summary (every rank gets it). Collective."""
+    cfg, state, dist = run.cfg, run.state, run.dist
+    skipped = run.train_source.skipped | run.loader.skipped
+    skipped = set().union(*dist_utils.gather_objects(sorted(skipped), dist))  # every rank's, not only rank 0's
+    replica_digests = dist_utils.gather_objects(state_digest(run.learner), dist)
+    summary = {
+        **results,
+        "replica_weights_identical": len(set(replica_digests)) == 1, "replica_weight_digests": replica_digests,
+        "online_probe_top1": state.online_probe_top1, "wall_clock_s": run.elapsed_s(),
+        "train_steps": state.step, "images_seen": state.images_seen,
+        "rela_phase_end_step": state.rela_phase_end_step, "rela_phase_ended_by": state.rela_phase_ended_by,
+        "target_bank_s": state.target_bank_s,
+        "rela_plateau_step": int(run.controller.plateau_step.item()) if run.bank is not None else None,
+        "prior": cfg.prior, "budget": cfg.budget, "epochs": cfg.epochs, "world_size": dist.world_size,
+        "skipped_corrupt": len(skipped), "device": str(run.device),
+    }
+    if dist.is_main:
+        atomic_torch_save({"arch": cfg.arch, "state_dict": standalone_state_dict(run.learner.nets.backbone),
+                           "image_size": cfg.image_size, "mean": list(run.splits.mean), "std": list(run.splits.std)},
+                          run.run_dir / "backbone.pt")
+        atomic_write_json(summary, run.run_dir / "summary.json")
+        run.log.info(f"linear probe top-1 {summary['linear_probe_top1']:.2f}%, kNN top-1 {summary['knn_top1']:.2f}%, "
+                     f"{summary['wall_clock_s']:.1f}s, {state.step} steps, {state.images_seen} images"
+                     + (f", {len(skipped)} corrupt images skipped" if skipped else ""))
+        print(f"linear_probe_top1={summary['linear_probe_top1']:.2f} knn_top1={summary['knn_top1']:.2f}")
+    return summary
