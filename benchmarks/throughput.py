@@ -173,7 +173,7 @@ def synthetic_batch(setup: StepSetup, device: torch.device, rows: int) -> TrainB
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     index = torch.randint(0, rows, (setup.batch_size,), generator=generator).to(device)
     label = torch.randint(0, setup.num_classes, (setup.batch_size,), generator=generator).to(device)
-    return TrainBatch(views[0], views[1], index, label)
+    return TrainBatch(views[0], views[1], index, label, views="byol")  # random pixels: any mode
 
 
 def fused_skip_reason(device: torch.device) -> str | None:

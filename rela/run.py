@@ -43,7 +43,7 @@ class TrainState:
     phase: str = "byol"
     rela_phase_end_step: int | None = None
     rela_phase_ended_by: str | None = None  # "plateau", "fraction", or "end of training"
-    images_seen: int = 0
+    images_seen: int = 0  # by this rank (each rank's is saved)
     elapsed_s: float = 0.0  # wall-clock of the earlier segments of a resumed run (bank build included)
     target_bank_s: float = 0.0
     online_probe_top1: float | None = None  # at the last logging step

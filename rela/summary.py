@@ -19,8 +19,12 @@ def evaluate(run: Run) -> dict:
     """Linear-probe and kNN top-1 (percent) of the online backbone on the held-out split, and the
     evaluation's own time. Collective: features are extracted on each rank's shard and gathered."""
     cfg = run.cfg
-    # DDP broadcasts BN buffers only at the start of a forward: after the last step each rank holds its own
-    # last batch's statistics. Rank 0's, for every rank, so replicas (and evaluation shards) agree.
+    # Parameters must agree across ranks after training itself. Buffers need not: DDP broadcasts BN
+    # statistics only at the start of a forward, so each rank ends with its own last batch's. Rank 0's,
+    # for every rank, so that replicas (and evaluation shards) agree.
+    digests = {"replica_parameter_digests": dist_utils.gather_objects(state_digest(run.learner, "parameters"), run.dist),
+               "replica_buffer_digests_before_broadcast": dist_utils.gather_objects(
+                   state_digest(run.learner, "buffers"), run.dist)}
     dist_utils.broadcast_buffers_(run.learner)
     start = time.time()
     backbone = run.learner.nets.backbone
@@ -33,25 +37,28 @@ def evaluate(run: Run) -> dict:
     num_classes = run.splits.num_classes
     linear = linear_probe_accuracy(train_x, train_y, val_x, val_y, num_classes, epochs=cfg.probe_epochs, seed=cfg.seed)
     knn = knn_accuracy(train_x, train_y, val_x, val_y, num_classes, k=cfg.knn_k, temperature=cfg.knn_temperature)
-    return {"linear_probe_top1": 100 * linear, "knn_top1": 100 * knn, "eval_s": time.time() - start}
+    return {"linear_probe_top1": 100 * linear, "knn_top1": 100 * knn, "eval_s": time.time() - start, **digests}
 
 
 def write_summary(run: Run, results: dict) -> dict:
     """summary.json and backbone.pt on rank 0; the summary (every rank gets it). Collective."""
     cfg, state, dist = run.cfg, run.state, run.dist
-    skipped = run.train_source.skipped | run.loader.skipped
-    skipped = set().union(*dist_utils.gather_objects(sorted(skipped), dist))  # every rank's, not only rank 0's
+    # every rank's, not only rank 0's
+    skipped_train = set().union(*dist_utils.gather_objects(sorted(run.loader.skipped), dist))
+    skipped = skipped_train | set().union(*dist_utils.gather_objects(sorted(run.train_source.skipped), dist))
+    images_seen = sum(dist_utils.gather_objects(state.images_seen, dist))
     replica_digests = dist_utils.gather_objects(state_digest(run.learner), dist)
     summary = {
         **results,
         "replica_weights_identical": len(set(replica_digests)) == 1, "replica_weight_digests": replica_digests,
         "online_probe_top1": state.online_probe_top1, "wall_clock_s": run.elapsed_s(),
-        "train_steps": state.step, "images_seen": state.images_seen,
+        "train_steps": state.step, "images_seen": images_seen,
         "rela_phase_end_step": state.rela_phase_end_step, "rela_phase_ended_by": state.rela_phase_ended_by,
         "target_bank_s": state.target_bank_s,
         "rela_plateau_step": int(run.controller.plateau_step.item()) if run.bank is not None else None,
         "prior": cfg.prior, "budget": cfg.budget, "epochs": cfg.epochs, "world_size": dist.world_size,
-        "skipped_corrupt": len(skipped), "device": str(run.device),
+        "skipped_corrupt": len(skipped), "skipped_corrupt_in_training": len(skipped_train),
+        "device": str(run.device),
     }
     if dist.is_main:
         atomic_torch_save({"arch": cfg.arch, "state_dict": standalone_state_dict(run.learner.nets.backbone),
@@ -59,7 +66,7 @@ def write_summary(run: Run, results: dict) -> dict:
                           run.run_dir / "backbone.pt")
         atomic_write_json(summary, run.run_dir / "summary.json")
         run.log.info(f"linear probe top-1 {summary['linear_probe_top1']:.2f}%, kNN top-1 {summary['knn_top1']:.2f}%, "
-                     f"{summary['wall_clock_s']:.1f}s, {state.step} steps, {state.images_seen} images"
+                     f"{summary['wall_clock_s']:.1f}s, {state.step} steps, {images_seen} images"
                      + (f", {len(skipped)} corrupt images skipped" if skipped else ""))
         print(f"linear_probe_top1={summary['linear_probe_top1']:.2f} knn_top1={summary['knn_top1']:.2f}")
     return summary

@@ -22,6 +22,7 @@ from rela.step import train_step
 from rela.summary import evaluate, write_summary
 from rela.utils import distributed as dist_utils
 from rela.utils.checkpoint import atomic_write_json, latest_checkpoint, restore_checkpoint, save_checkpoint
+from rela.utils.faults import kill_point
 from rela.utils.progress import Progress, RunLog
 
 
@@ -67,6 +68,7 @@ def train(run: Run) -> bool:
             epoch_over = False
             for micro_batches, epoch_over in _epoch_steps(run, window):
                 logged = _optimizer_step(run, micro_batches, epoch_over, window, bar)
+                kill_point("after-step", state.step)  # tests: a death between a log row and a checkpoint
                 if state.phase == "rela" and _rela_phase_over(run, can_read=logged):
                     _hand_over(run, ended_by="plateau" if run.schedule.rela_end_fixed is None else "fraction")
                 if epoch_over:
@@ -116,8 +118,8 @@ def _optimizer_step(run: Run, micro_batches: list[TrainBatch], epoch_over: bool,
     loss, probe_loss, probe_accuracy = train_step(
         run.model, run.optimizer, run.ema, micro_batches, phase=state.phase, bank=run.bank, lr=lr,
         momentum=momentum, autocast_dtype=run.autocast_dtype, fused=run.fused)
-    seen = sum(len(b.index) for b in micro_batches) * run.dist.world_size
-    window.images += seen
+    seen = sum(len(b.index) for b in micro_batches)  # this rank's: the summary adds up the ranks'
+    window.images += seen * run.dist.world_size
     state.images_seen += seen
     state.step += 1
     state.step_in_epoch += 1

@@ -81,7 +81,9 @@ class TorchImageSource:
             self._resident = torch.from_numpy(dataset.images).permute(0, 3, 1, 2).contiguous().to(self.device)
 
     def iterate(self, batches: Sequence[np.ndarray], *, mode: str = "eval", size: int,
-                crop_fraction: float = 0.875) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                crop_fraction: float = 0.875, also_record: set[int] | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`also_record`: a set that gets this pass's skipped indices too (the train loader counts its own)."""
         if self._resident is not None:
             for batch in batches:
                 index = torch.as_tensor(np.asarray(batch), dtype=torch.int64)
@@ -101,6 +103,8 @@ class TorchImageSource:
                 if not self.skip_corrupt:
                     raise RelaError(errors[bad[0]])
                 self.skipped.update(int(index[i]) for i in bad)
+                if also_record is not None:
+                    also_record.update(int(index[i]) for i in bad)
                 keep = torch.tensor([i for i in range(len(errors)) if not errors[i]], dtype=torch.int64)
                 # A batch of only bad files stays, as black images: every rank must run the same steps.
                 if len(keep):
@@ -132,7 +136,7 @@ class TorchImageSource:
 class TorchTrainLoader:
     """Budgeted two-view training batches. `set_view_mode('rela'|'byol')` applies from the next batch."""
 
-    def __init__(self, source: ImageSource, sampler: BudgetSampler, *, image_size: int, decode_size: int,
+    def __init__(self, source: TorchImageSource, sampler: BudgetSampler, *, image_size: int, decode_size: int,
                  normalize: Normalize, seed: int, view_mode: str = "byol",
                  crop_min_scale: dict[str, float | None] | None = None):
         self.source, self.sampler = source, sampler
@@ -142,6 +146,7 @@ class TorchTrainLoader:
         self.generator = torch.Generator(device=source.device)
         self.generator.manual_seed(seed)
         self.labels = torch.as_tensor(source.dataset.labels, dtype=torch.int64).to(source.device)
+        self._skipped: set[int] = set()
         self.set_view_mode(view_mode)
 
     @property
@@ -154,7 +159,8 @@ class TorchTrainLoader:
 
     @property
     def skipped(self) -> set[int]:
-        return self.source.skipped
+        """Corrupt files met in training batches (the bank's and evaluation's passes count theirs apart)."""
+        return self._skipped
 
     def set_view_mode(self, mode: str) -> None:
         self._view_mode = mode
@@ -162,7 +168,8 @@ class TorchTrainLoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TrainBatch]:
         batches = self.sampler.batches(epoch, start_step)
-        for images, index in self.source.iterate(batches, mode="train", size=self.decode_size):
+        for images, index in self.source.iterate(batches, mode="train", size=self.decode_size,
+                                                 also_record=self._skipped):
             mode, (spec1, spec2) = self.view_mode, self.views
             v1 = self.normalize(augment_batch(images, spec1, self.image_size, self.generator))
             v2 = self.normalize(augment_batch(images, spec2, self.image_size, self.generator))

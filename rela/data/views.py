@@ -1,6 +1,6 @@
 """The two augmented views: BYOL's asymmetric pair and RELA's milder pair, applied to whole batches.
 
-`ViewSpec` is the one description of a view that both loaders (torch here, DALI in rela/data/dali.py)
+`ViewSpec` is the one description of a view that both loaders (torch here, DALI in rela/data/dali/)
 implement. `augment_batch` applies a spec to a uint8 batch on its own device, one sample's parameters at
 a time drawn from a generator, so the view switch takes effect at exactly the step the trainer asks for
 (no worker process has prefetched batches with the old views).

@@ -91,16 +91,17 @@ def standalone_state_dict(module) -> dict:
 
 def save_checkpoint(run: "Run") -> Path:
     """Saves what a run needs to continue exactly: the learner (online, target, map, probe), the optimiser,
-    the phase controller, every rank's loader (sampler and augmentation RNG), the step state; and the
+    the phase controller, every rank's loader (sampler and augmentation RNG) and image count, the step state; and the
     options and rank count it was made with. `restore_checkpoint` reads back each entry.
     Collective: every rank calls it (the loaders' states are gathered); rank 0 writes."""
     loader_states = gather_objects(run.loader.state_dict(), run.dist)
+    images_seen = gather_objects(run.state.images_seen, run.dist)
     path = checkpoint_path(run.run_dir, run.state.step)
     if run.dist.is_main:
         train_state = {**run.state.__dict__, "elapsed_s": run.elapsed_s()}
         atomic_torch_save({"learner": standalone_state_dict(run.learner), "optimizer": run.optimizer.state_dict(),
                            "controller": run.controller.state_dict(), "loader": loader_states,
-                           "train_state": train_state, "config": config_to_dict(run.cfg),
+                           "images_seen": images_seen, "train_state": train_state, "config": config_to_dict(run.cfg),
                            "world_size": run.dist.world_size}, path)
         prune_checkpoints(run.run_dir)
     barrier()
@@ -115,7 +116,7 @@ def restore_checkpoint(run: "Run", path: Path) -> None:
     run.optimizer.load_state_dict(saved["optimizer"])
     run.controller.load_state_dict(saved["controller"])
     run.loader.load_state_dict(saved["loader"][run.dist.rank])
-    run.state = type(run.state)(**saved["train_state"])
+    run.state = type(run.state)(**{**saved["train_state"], "images_seen": saved["images_seen"][run.dist.rank]})
     run.segment_start = time.time()
 
 

@@ -16,10 +16,12 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def state_digest(module: nn.Module) -> str:
-    """A hash of every parameter and buffer, by name."""
+def state_digest(module: nn.Module, part: str = "all") -> str:
+    """A hash of every parameter and buffer (part "all"), or of the parameters or the buffers alone, by name."""
+    tensors = {"all": lambda: module.state_dict().items(), "parameters": module.named_parameters,
+               "buffers": module.named_buffers}[part]()
     digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
+    for name, tensor in tensors:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]

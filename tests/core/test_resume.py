@@ -2,12 +2,34 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
 from builders import FAST_ARGS
 from rela.train import main
 from rela.utils.checkpoint import latest_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def backbone_of(run_dir: Path) -> dict:
+    return torch.load(run_dir / "backbone.pt")["state_dict"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    whole, split = backbone_of(a), backbone_of(b)
+    assert whole.keys() == split.keys()
+    for name in whole:
+        assert torch.equal(whole[name], split[name]), name
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 # 3 epochs of 9 steps; the RELA phase ends at step 14, mid-epoch, after the interruption at step 11.
 ARGS = [*FAST_ARGS, "--epochs", "3", "--budget", "0.1", "--prior", "rand", "--rela-phase", "0.5",
@@ -63,6 +85,9 @@ def test_resume_with_gradient_accumulation_gives_same_weights(tmp_path):
     args = [*ARGS, "--grad-accum", "2", "--batch-size", "32", "--bank-dir", str(tmp_path / "banks")]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
     assert main([*args, "--out", str(tmp_path / "split"), "--stop-after-steps", "7"]) == 0
+    assert latest_checkpoint(tmp_path / "split").name == "ckpt-000000007.pt"  # it stopped where asked
+    assert not (tmp_path / "split" / "summary.json").exists()
+    assert max(r["step"] for r in metric_rows(tmp_path / "split")) <= 7
     assert main([*args, "--out", str(tmp_path / "split"), "--resume", "auto"]) == 0
     whole = torch.load(tmp_path / "whole" / "backbone.pt")["state_dict"]
     split = torch.load(tmp_path / "split" / "backbone.pt")["state_dict"]
@@ -71,3 +96,70 @@ def test_resume_with_gradient_accumulation_gives_same_weights(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)), "a resumed run must not leave duplicate metric rows"
+
+
+def test_sigkill_between_a_log_row_and_the_next_checkpoint_loses_nothing(tmp_path):
+    """Killed after step 6's row is logged and before any checkpoint past step 4: the resumed run logs
+    steps 5 and 6 again, once, and ends with the uninterrupted run's weights."""
+    banks = ["--bank-dir", str(tmp_path / "banks")]
+    assert main([*ARGS, *banks, "--out", str(tmp_path / "whole")]) == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RELA_KILL_AT": "after-step:6", "OMP_NUM_THREADS": "1"}
+    split = tmp_path / "split"
+    killed = subprocess.run([sys.executable, "-m", "rela.train", *ARGS, *banks, "--out", str(split)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert max(r["step"] for r in metric_rows(split)) == 6
+    assert latest_checkpoint(split).name == "ckpt-000000004.pt"
+    assert main([*ARGS, *banks, "--out", str(split), "--resume", "auto"]) == 0
+    assert_same_weights(tmp_path / "whole", split)
+    assert [r["step"] for r in metric_rows(split)] == [r["step"] for r in metric_rows(tmp_path / "whole")]
+
+
+def test_resume_after_the_hand_over_keeps_byol_and_its_views(tmp_path):
+    banks = ["--bank-dir", str(tmp_path / "banks")]
+    args = [*ARGS, *banks, "--log-every", "1"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--out", str(tmp_path / "split"), "--stop-after-steps", "17"]) == 0  # hand-over at 14
+    saved = torch.load(latest_checkpoint(tmp_path / "split"), weights_only=False)
+    assert saved["train_state"]["phase"] == "byol" and saved["loader"][0]["view_mode"] == "byol"
+    assert main([*args, "--out", str(tmp_path / "split"), "--resume", "auto"]) == 0
+    assert_same_weights(tmp_path / "whole", tmp_path / "split")
+    after = [r for r in metric_rows(tmp_path / "split") if r["step"] > 17]
+    assert after and all((r["step_fn"], r["views"]) == ("byol_step", "byol") for r in after)
+
+
+def test_resume_in_adaptive_mode_hands_over_where_the_whole_run_did(tmp_path):
+    banks = ["--bank-dir", str(tmp_path / "banks")]
+    args = [*FAST_ARGS, "--epochs", "3", "--budget", "0.1", "--prior", "rand", "--deterministic",
+            "--ckpt-every", "4", "--log-every", "3", "--rela-threshold", "0.42", *banks]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert whole["rela_phase_ended_by"] == "plateau"
+    stop = whole["rela_phase_end_step"] - 2  # before the hand-over: the controller's state must carry it
+    assert stop >= 1
+    assert main([*args, "--out", str(tmp_path / "split"), "--stop-after-steps", str(stop)]) == 0
+    assert main([*args, "--out", str(tmp_path / "split"), "--resume", "auto"]) == 0
+    split = json.loads((tmp_path / "split" / "summary.json").read_text())
+    for key in ("rela_phase_end_step", "rela_phase_ended_by", "rela_plateau_step", "train_steps"):
+        assert split[key] == whole[key], key
+    assert_same_weights(tmp_path / "whole", tmp_path / "split")
+
+
+def test_resume_under_torchrun_gives_the_uninterrupted_replicas(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rela.train",
+            *ARGS, "--device", "cpu", "--batch-size", "16", "--bank-dir", str(tmp_path / "banks")]
+
+    def torchrun(*args: str) -> None:
+        result = subprocess.run([*base, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+
+    torchrun("--out", str(tmp_path / "whole"))
+    torchrun("--out", str(tmp_path / "split"), "--stop-after-steps", "5")
+    assert latest_checkpoint(tmp_path / "split").name == "ckpt-000000005.pt"
+    torchrun("--out", str(tmp_path / "split"), "--resume", "auto")
+    whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    split = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert whole["world_size"] == split["world_size"] == 2
+    assert split["replica_weight_digests"] == whole["replica_weight_digests"]
+    assert split["images_seen"] == whole["images_seen"]
