@@ -1,0 +1,24 @@
+"""The GPU's fast paths inside the training loop, run on the CPU: bf16 autocast, channels_last and the
+fused Triton ops (in Triton's interpreter, which tests/conftest.py turns on where there is no GPU)."""
+from __future__ import annotations
+
+import json
+import math
+
+from builders import FAST_ARGS
+from rela.train import main
+
+
+def test_bf16_channels_last_and_fused_ops_train_through_the_hand_over(tmp_path):
+    out = tmp_path / "run"
+    assert main([*FAST_ARGS, "--device", "cpu", "--precision", "bf16", "--channels-last", "--fused-ops", "on",
+                 "--prior", "rand", "--budget", "0.1", "--rela-phase", "0.5", "--log-every", "1",
+                 "--out", str(out), "--bank-dir", str(tmp_path / "banks")]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step_fn"] for r in rows} == {"rela_step", "byol_step"}
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    # the fused losses' values: 1 - cos is in [0, 2] per view; BYOL's symmetric loss is twice that
+    assert all(0 <= r["loss"] <= 2 for r in rows if r["step_fn"] == "rela_step")
+    assert all(0 <= r["loss"] <= 4 for r in rows if r["step_fn"] == "byol_step")
+    assert summary["linear_probe_top1"] > 20  # chance is 10%
