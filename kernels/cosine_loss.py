@@ -23,23 +23,27 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _load_tile(ptr, stride_row, stride_col, rows64, cols64, mask, ACC: tl.constexpr):
-    return tl.load(ptr + rows64 * stride_row + cols64 * stride_col, mask=mask, other=0.0).to(ACC)
+# Helpers and triton.language's own jitted functions (tl.sum, tl.zeros, tl.cdiv) cost milliseconds per
+# call in Triton's interpreter, where the tests run: the kernels call them once per pair and row block,
+# and use tl.full and integer arithmetic elsewhere.
 
 
 @triton.jit
-def _tile_sums(a_ptr, b_ptr, stride_a_row, stride_a_col, stride_b_row, stride_b_col, rows64, cols64, mask,
-               ACC: tl.constexpr):
-    """Per row of one (BLOCK_B, BLOCK_D) tile of a pair: (a.b, a.a, b.b) in ACC."""
-    a = _load_tile(a_ptr, stride_a_row, stride_a_col, rows64, cols64, mask, ACC)
-    b = _load_tile(b_ptr, stride_b_row, stride_b_col, rows64, cols64, mask, ACC)
-    return tl.sum(a * b, axis=1), tl.sum(a * a, axis=1), tl.sum(b * b, axis=1)
-
-
-@triton.jit
-def _cosine_stats(dot, aa, bb, eps, FP64: tl.constexpr):
-    """Per row: (cos, r, s) of the module docstring, from a.b, |a|^2 and |b|^2."""
+def _pair_cosine(a_ptr, b_ptr, stride_a_row, stride_a_col, stride_b_row, stride_b_col, rows64, row_mask, D, eps,
+                 BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr):
+    """Per row of one pair (a, b) over all D columns: (cos, r, s) of the module docstring, in ACC."""
+    dot = tl.full([BLOCK_B], 0, ACC)
+    aa = tl.full([BLOCK_B], 0, ACC)
+    bb = tl.full([BLOCK_B], 0, ACC)
+    for col_start in range(0, D, BLOCK_D):
+        cols = col_start + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (cols < D)[None, :]
+        cols64 = cols.to(tl.int64)[None, :]
+        a = tl.load(a_ptr + rows64 * stride_a_row + cols64 * stride_a_col, mask=mask, other=0.0).to(ACC)
+        b = tl.load(b_ptr + rows64 * stride_b_row + cols64 * stride_b_col, mask=mask, other=0.0).to(ACC)
+        dot += tl.sum(a * b, axis=1)
+        aa += tl.sum(a * a, axis=1)
+        bb += tl.sum(b * b, axis=1)
     # sqrt_rn is IEEE sqrt but fp32 only; tl.sqrt on fp64 is exact already.
     if FP64:
         norm_a = tl.sqrt(aa)
@@ -57,11 +61,11 @@ def _cosine_stats(dot, aa, bb, eps, FP64: tl.constexpr):
 @triton.jit
 def _store_pair_grad(a_ptr, b_ptr, stride_a_row, stride_a_col, stride_b_row, stride_b_col, grad_ptr,
                      stats, rows64, cols64, mask, row_mask, scale, D, ACC: tl.constexpr):
-    """grad_a = scale * (r * b - s * a) for one tile of a pair; `stats` points at the pair's (r, s)."""
+    """grad_a = scale * (r * b - s * a) over one tile of a pair; `stats` points at the pair's (r, s) per row."""
     r = scale * tl.load(stats, mask=row_mask, other=0.0)
     s = scale * tl.load(stats + 1, mask=row_mask, other=0.0)
-    a = _load_tile(a_ptr, stride_a_row, stride_a_col, rows64, cols64, mask, ACC)
-    b = _load_tile(b_ptr, stride_b_row, stride_b_col, rows64, cols64, mask, ACC)
+    a = tl.load(a_ptr + rows64 * stride_a_row + cols64 * stride_a_col, mask=mask, other=0.0).to(ACC)
+    b = tl.load(b_ptr + rows64 * stride_b_row + cols64 * stride_b_col, mask=mask, other=0.0).to(ACC)
     tl.store(grad_ptr + rows64 * D + cols64, r[:, None] * b - s[:, None] * a, mask=mask)
 
 
@@ -79,38 +83,19 @@ def cosine_loss_fwd_kernel(
     num_programs = tl.num_programs(0)
     # eps is read from memory: a float argument would be rounded to float32 in the float64 kernel.
     eps = tl.load(eps_ptr)
-    cos_sum = tl.zeros([BLOCK_B], ACC)
-    for row_block in range(pid, tl.cdiv(B, BLOCK_B), num_programs):
+    cos_sum = tl.full([BLOCK_B], 0, ACC)
+    for row_block in range(pid, (B + BLOCK_B - 1) // BLOCK_B, num_programs):
         rows = row_block * BLOCK_B + tl.arange(0, BLOCK_B)
         row_mask = rows < B
         rows64 = rows.to(tl.int64)[:, None]
-        dot0 = tl.zeros([BLOCK_B], ACC)
-        aa0 = tl.zeros([BLOCK_B], ACC)
-        bb0 = tl.zeros([BLOCK_B], ACC)
-        dot1 = tl.zeros([BLOCK_B], ACC)
-        aa1 = tl.zeros([BLOCK_B], ACC)
-        bb1 = tl.zeros([BLOCK_B], ACC)
-        for col_start in range(0, D, BLOCK_D):
-            cols = col_start + tl.arange(0, BLOCK_D)
-            mask = row_mask[:, None] & (cols < D)[None, :]
-            cols64 = cols.to(tl.int64)[None, :]
-            dot, aa, bb = _tile_sums(a0_ptr, b0_ptr, stride_a0_row, stride_a0_col, stride_b0_row, stride_b0_col,
-                                     rows64, cols64, mask, ACC)
-            dot0 += dot
-            aa0 += aa
-            bb0 += bb
-            if NUM_PAIRS == 2:
-                dot, aa, bb = _tile_sums(a1_ptr, b1_ptr, stride_a1_row, stride_a1_col, stride_b1_row,
-                                         stride_b1_col, rows64, cols64, mask, ACC)
-                dot1 += dot
-                aa1 += aa
-                bb1 += bb
         stats = stats_ptr + rows.to(tl.int64) * (2 * NUM_PAIRS)
-        cos_row, r, s = _cosine_stats(dot0, aa0, bb0, eps, FP64)
+        cos_row, r, s = _pair_cosine(a0_ptr, b0_ptr, stride_a0_row, stride_a0_col, stride_b0_row, stride_b0_col,
+                                     rows64, row_mask, D, eps, BLOCK_B, BLOCK_D, ACC, FP64)
         tl.store(stats, r, mask=row_mask)
         tl.store(stats + 1, s, mask=row_mask)
         if NUM_PAIRS == 2:
-            cos, r, s = _cosine_stats(dot1, aa1, bb1, eps, FP64)
+            cos, r, s = _pair_cosine(a1_ptr, b1_ptr, stride_a1_row, stride_a1_col, stride_b1_row, stride_b1_col,
+                                     rows64, row_mask, D, eps, BLOCK_B, BLOCK_D, ACC, FP64)
             tl.store(stats + 2, r, mask=row_mask)
             tl.store(stats + 3, s, mask=row_mask)
             cos_row += cos
@@ -121,7 +106,7 @@ def cosine_loss_fwd_kernel(
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1)
     if ticket == num_programs - 1:
-        total = tl.zeros([BLOCK_P], ACC)
+        total = tl.full([BLOCK_P], 0, ACC)
         for start in range(0, num_programs, BLOCK_P):
             offs = start + tl.arange(0, BLOCK_P)
             # .cg reads from L2: the other programs' partials may be stale in this SM's L1.

@@ -25,13 +25,12 @@ PAD = BLOCK
 
 @triton.jit
 def ema_kernel(
-    target_ptr, online_ptr, num_params,
+    target_ptr, online_ptr, num_params, param_blocks,
     target_words_ptr, online_words_ptr, num_words,
     momentum_ptr, weight,
     MOMENTUM_FROM_PTR: tl.constexpr, EMULATE_FMA: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    param_blocks = tl.cdiv(num_params, BLOCK)
     if pid < param_blocks:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < num_params
@@ -49,7 +48,7 @@ def ema_kernel(
         if EMULATE_FMA:
             new = (coeff.to(tl.float64) * diff.to(tl.float64) + base.to(tl.float64)).to(ACC)
         else:
-            new = tl.fma(coeff + tl.zeros([BLOCK], ACC), diff, base)
+            new = tl.fma(coeff + tl.full([BLOCK], 0, ACC), diff, base)
         tl.store(target_ptr + offs, new.to(target_ptr.dtype.element_ty), mask=mask)
     else:
         offs = (pid - param_blocks) * BLOCK + tl.arange(0, BLOCK)
@@ -70,13 +69,14 @@ def ema_launch(target: torch.Tensor, online: torch.Tensor, target_words: torch.T
         momentum = torch.tensor(momentum, dtype=torch.float64, device=target.device)
     from_ptr = isinstance(momentum, torch.Tensor)
     num_params, num_words = target.numel(), target_words.numel()
-    grid = (-(-num_params // BLOCK) - (-num_words // BLOCK),)
+    param_blocks = -(-num_params // BLOCK)
+    grid = (param_blocks - (-num_words // BLOCK),)
     if grid[0] == 0:
         return
     # Pointers must be real even when there is nothing behind them; the kernel never reads them then.
     words_t, words_o = (target_words, online_words) if num_words else (target, online)
     ema_kernel[grid](
-        target, online, num_params, words_t, words_o, num_words,
+        target, online, num_params, param_blocks, words_t, words_o, num_words,
         momentum if from_ptr else target, 0.0 if from_ptr else 1.0 - momentum,
         MOMENTUM_FROM_PTR=from_ptr, EMULATE_FMA=INTERPRETED and acc == tl.float32, ACC=acc,
         BLOCK=BLOCK, num_warps=8,
