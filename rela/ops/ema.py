@@ -22,7 +22,8 @@ Trainer contract:
 checks the first and last parameter and buffer); it does not notice a single parameter or buffer
 swapped for a new tensor in the middle of a module (`module.fc = nn.Linear(...)`), so prepare again
 after such a change. `ema_update_(target, online, momentum)` is the same step without a pair to keep:
-it finds the flat buffers behind the parameters when `prepare_ema_` made them, and prepares the
+it finds the flat buffers behind the parameters when `prepare_ema_` made them (a walk over the
+modules: milliseconds per call for a ResNet-50, so a training loop keeps the pair), and prepares the
 modules otherwise. The modules may then be containers made afresh at each call
 (`nn.ModuleList([backbone, head])`).
 """
@@ -170,16 +171,21 @@ def _flat_of(module: nn.Module, layout: _Layout) -> FlatModule | None:
     return FlatModule(flat, words, layout)
 
 
-def _lerp_and_copy_(target: nn.Module, online: nn.Module, momentum: float | torch.Tensor) -> None:
-    target_params, online_params = list(target.parameters()), list(online.parameters())
+def _tensors(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return list(module.parameters()), list(module.buffers())
+
+
+def _lerp_and_copy_(target: tuple[list[torch.Tensor], list[torch.Tensor]],
+                    online: tuple[list[torch.Tensor], list[torch.Tensor]], momentum: float | torch.Tensor) -> None:
+    """The reference step over (parameters, buffers) lists of matching tensors."""
+    (target_params, target_buffers), (online_params, online_buffers) = target, online
     if isinstance(momentum, torch.Tensor):
         weight = 1 - momentum
         torch._foreach_lerp_(target_params, online_params, [weight] * len(target_params))
     else:
         torch._foreach_lerp_(target_params, online_params, 1.0 - momentum)
-    target_buffers = list(target.buffers())
     if target_buffers:
-        torch._foreach_copy_(target_buffers, list(online.buffers()))
+        torch._foreach_copy_(target_buffers, online_buffers)
 
 
 @torch.no_grad()
@@ -191,7 +197,7 @@ def ema_update_reference_(target: nn.Module, online: nn.Module, momentum: float 
     host sync). Nothing is differentiated; `online` is only read.
     """
     _check_structure(target, _structure(online), "the target")
-    _lerp_and_copy_(target, online, momentum)
+    _lerp_and_copy_(_tensors(target), _tensors(online), momentum)
 
 
 def _momentum_on(device: torch.device, momentum: float | torch.Tensor) -> float | torch.Tensor:
@@ -203,12 +209,9 @@ def _momentum_on(device: torch.device, momentum: float | torch.Tensor) -> float 
     return momentum
 
 
-def _first_and_last(tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
-    return [(t, t.data_ptr()) for t in tensors[:1] + tensors[-1:]]
-
-
 class EmaPair:
-    """A target module that follows an online module by EMA (made by `prepare_ema_`; owns the flat buffers).
+    """A target module that follows an online module by EMA (made by `prepare_ema_`), in the manner of
+    timm's ModelEmaV3: it holds the modules' tensors and, on the fused path, owns their flat buffers.
 
     `target`, `online`: the modules. `fused`: whether `update` is one kernel launch over the flat
     buffers `target_flat`, `online_flat` (None on the reference path).
@@ -219,9 +222,11 @@ class EmaPair:
         self.target, self.online = target, online
         self.target_flat, self.online_flat = target_flat, online_flat
         self.device = _device(target, online)
+        # Listed once: walking a ResNet-50's modules costs about a millisecond per step.
+        self._target_tensors, self._online_tensors = _tensors(target), _tensors(online)
         # (tensor, data_ptr it must keep): a moved or re-cast module fails these.
-        self._sentinels = [s for module in (target, online)
-                           for s in _first_and_last(list(module.parameters())) + _first_and_last(list(module.buffers()))]
+        self._sentinels = [(t, t.data_ptr()) for params, buffers in (self._target_tensors, self._online_tensors)
+                           for t in params[:1] + params[-1:] + buffers[:1] + buffers[-1:]]
 
     @property
     def fused(self) -> bool:
@@ -235,15 +240,15 @@ class EmaPair:
         elsewhere) that the kernel reads from device memory, so a momentum schedule kept on the device
         costs no host sync. Nothing is differentiated; `online` is only read.
         """
-        momentum = _momentum_on(self.device, momentum)
-        if not self.fused:
-            _lerp_and_copy_(self.target, self.online, momentum)
-            return
         if any(t.data_ptr() != ptr for t, ptr in self._sentinels):
             raise RuntimeError("a module's parameters or buffers were moved or re-cast since prepare_ema_ "
                                "(.to(), .cuda(), .half()?): call prepare_ema_ again")
-        ema_launch(self.target_flat.params, self.online_flat.params, self.target_flat.words,
-                   self.online_flat.words, momentum)
+        momentum = _momentum_on(self.device, momentum)
+        if self.fused:
+            ema_launch(self.target_flat.params, self.online_flat.params, self.target_flat.words,
+                       self.online_flat.words, momentum)
+        else:
+            _lerp_and_copy_(self._target_tensors, self._online_tensors, momentum)
 
 
 def prepare_ema_(target: nn.Module, online: nn.Module, *, fused: bool | None = None) -> EmaPair:

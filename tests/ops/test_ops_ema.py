@@ -110,9 +110,10 @@ def test_pair_with_fused_false_runs_the_reference_on_the_modules_as_they_are(lau
     assert_same_state(target, state(expected_target))
 
 
-def test_pair_refuses_modules_moved_since_prepare(launches):
+@pytest.mark.parametrize("fused", [True, False])
+def test_pair_refuses_modules_moved_since_prepare(fused, launches):
     target, online = ema_pair()
-    pair = prepare_ema_(target, online, fused=True)
+    pair = prepare_ema_(target, online, fused=fused)
     target.half()
     online.half()
     with pytest.raises(RuntimeError, match="call prepare_ema_ again"):
