@@ -27,3 +27,14 @@ def imagefolder(tmp_path: Path) -> Path:
 @pytest.fixture
 def cifar10(tmp_path: Path) -> Path:
     return write_cifar10(tmp_path / "cifar")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests check code paths that only exist on CUDA (DALI's GPU operators, the pinned
+    ring's side stream); without a GPU they are skipped with the reason, not silently passed."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -11,12 +11,22 @@ import torchvision
 from rela.errors import RelaError
 
 
+class GlobalAvgPool(nn.Module):
+    """(B, C, H, W) -> (B, C, 1, 1), the mean over H and W: what nn.AdaptiveAvgPool2d(1) computes, but its
+    backward is an ordinary reduction, while adaptive_avg_pool2d's CUDA backward has no deterministic
+    kernel (torch.use_deterministic_algorithms(True), i.e. --deterministic, raises on it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3), keepdim=True)
+
+
 def _torchvision_resnet(name: str, cifar_stem: bool) -> nn.Module:
     net = getattr(torchvision.models, name)(weights=None)
     if cifar_stem:
         # CIFAR variant: 3x3 stride-1 stem and no max-pool keep 32 px images at useful resolution.
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
+    net.avgpool = GlobalAvgPool()  # torchvision's forward flattens after it, as after AdaptiveAvgPool2d(1)
     net.feature_dim = net.fc.in_features
     net.fc = nn.Identity()
     return net
@@ -47,7 +57,7 @@ class SmallResNet(nn.Module):
         self.stages = nn.Sequential(_ResidualBlock(widths[0], widths[0], 1),
                                     _ResidualBlock(widths[0], widths[1], 2),
                                     _ResidualBlock(widths[1], widths[2], 2))
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()
         self.feature_dim = widths[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
