@@ -11,6 +11,8 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratios (You et al. 2017), as BYOL trains ImageNet.
 
     Groups with `lars_exclude=True` (biases, norm layers) get neither weight decay nor adaptation.
+    A step is a handful of `torch._foreach_*` launches per group, whatever the number of parameters;
+    the trust ratios stay on the device (no host sync).
     """
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
@@ -20,24 +22,34 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if not group["lars_exclude"]:
-                    grad = grad.add(p, alpha=group["weight_decay"])
-                    param_norm, grad_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
-                    trust = torch.where((param_norm > 0) & (grad_norm > 0),
-                                        group["trust_coefficient"] * param_norm / grad_norm,
-                                        torch.ones_like(param_norm))
-                    grad = grad.mul(trust)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.clone(grad).detach()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if not group["lars_exclude"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                param_norms = torch.stack(torch._foreach_norm(params))
+                grad_norms = torch.stack(torch._foreach_norm(grads))
+                trust = torch.where((param_norms > 0) & (grad_norms > 0),
+                                    group["trust_coefficient"] * param_norms / grad_norms,
+                                    torch.ones_like(param_norms))
+                torch._foreach_mul_(grads, trust.unbind())
+            states = [self.state[p] for p in params]
+            fresh = [i for i, state in enumerate(states) if "momentum_buffer" not in state]
+            kept = [i for i, state in enumerate(states) if "momentum_buffer" in state]
+            for i in fresh:
+                states[i]["momentum_buffer"] = torch.clone(grads[i]).detach()
+            if kept:
+                buffers = [states[i]["momentum_buffer"] for i in kept]
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_add_(buffers, [grads[i] for i in kept])
+            torch._foreach_add_(params, [state["momentum_buffer"] for state in states], alpha=-group["lr"])
+        return loss
 
 
 def _is_excluded(name: str, param: nn.Parameter) -> bool:
@@ -59,7 +71,9 @@ def build_optimizer(named_params, name: str, lr: float, weight_decay: float) -> 
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
         return LARS(groups, lr=lr, weight_decay=weight_decay)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
+    # The fused kernel (one launch per step) needs every parameter on CUDA; foreach elsewhere.
+    on_cuda = bool(decay + no_decay) and all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=lr, fused=on_cuda or None, foreach=None if on_cuda else True)
 
 
 def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:

@@ -170,3 +170,70 @@ def test_target_momentum_rises_from_base_to_one_by_cosine(base):
     for step in (1, 37, 150, 199):
         expected = 1 - (1 - base) * (math.cos(math.pi * step / total) + 1) / 2
         assert target_momentum(step, total, base) == pytest.approx(expected, rel=1e-12)
+
+
+class _PerParameterLARS(torch.optim.Optimizer):
+    """The LARS step as it was before the foreach rewrite: a loop of small kernels per parameter (the reference)."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if not group["lars_exclude"]:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                    param_norm, grad_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
+                    trust = torch.where((param_norm > 0) & (grad_norm > 0),
+                                        group["trust_coefficient"] * param_norm / grad_norm,
+                                        torch.ones_like(param_norm))
+                    grad = grad.mul(trust)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(grad).detach()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+
+
+def test_foreach_lars_equals_the_per_parameter_lars_over_steps():
+    """Same maths as the old loop: trust ratios on the device, zero-norm weights, a parameter without a
+    gradient at one step, a changing learning rate; equal to 1e-6 after every step."""
+    nets = [_net(), _net()]
+    for net in nets:
+        net[3].bias.requires_grad_(False)  # no gradient: skipped by both
+    lr, weight_decay = 0.3, 0.05
+    optimizers = [build_optimizer(nets[0].named_parameters(), "lars", lr, weight_decay)]
+    groups = [{"params": g["params"], **{k: v for k, v in g.items() if k != "params"}}
+              for g in build_optimizer(nets[1].named_parameters(), "lars", lr, weight_decay).param_groups]
+    optimizers.append(_PerParameterLARS(groups, lr=lr, weight_decay=weight_decay))
+    generator = torch.Generator().manual_seed(2)
+    for step in range(6):
+        grads = {n: torch.randn(p.shape, generator=generator) for n, p in nets[0].named_parameters()}
+        if step == 3:
+            grads["5.weight"] = torch.zeros_like(grads["5.weight"])  # zero gradient norm: trust ratio 1
+        for net, optimizer in zip(nets, optimizers):
+            for n, p in net.named_parameters():
+                p.grad = grads[n].clone() if p.requires_grad and not (step == 2 and n == "3.weight") else None
+            for group in optimizer.param_groups:
+                group["lr"] = lr * (1 - step / 10)
+            optimizer.step()
+        for (n, fast), slow in zip(nets[0].named_parameters(), nets[1].parameters()):
+            torch.testing.assert_close(fast.detach(), slow.detach(), rtol=1e-6, atol=0, msg=f"{n} at step {step}")
+            # The momentum buffers carry the trust ratio undiluted by the weights: the sharper check.
+            if fast in optimizers[0].state:
+                torch.testing.assert_close(optimizers[0].state[fast]["momentum_buffer"],
+                                           optimizers[1].state[slow]["momentum_buffer"], rtol=1e-6, atol=0,
+                                           msg=f"{n}'s momentum at step {step}")
+    for n, p in nets[0].named_parameters():
+        assert not torch.equal(p.detach(), _net().state_dict()[n]) or not p.requires_grad, n
+
+
+def test_adamw_is_foreach_off_cuda():
+    optimizer = build_optimizer(_net().named_parameters(), "adamw", lr=1e-3, weight_decay=0.1)
+    assert optimizer.defaults["foreach"] is True and not optimizer.defaults["fused"]
