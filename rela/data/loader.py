@@ -64,6 +64,17 @@ def _collate(samples):
     return torch.stack(images), torch.tensor(indices, dtype=torch.int64), list(errors)
 
 
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` (on the CPU) on `device` without stalling the host: a copy from pageable memory waits for the
+    stream, so on CUDA the tensor goes through pinned memory (torch's caching host allocator keeps the
+    buffer until the copy has run) and is copied with non_blocking=True. Elsewhere: `t.to(device)`."""
+    if device.type != "cuda":
+        return t.to(device)
+    if not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 class TorchImageSource:
     """Yields (uint8 images (B, 3, S, S) on the device, indices (B,) int64 CPU) for given index batches.
 
@@ -87,7 +98,7 @@ class TorchImageSource:
         if self._resident is not None:
             for batch in batches:
                 index = torch.as_tensor(np.asarray(batch), dtype=torch.int64)
-                images = self._resident.index_select(0, index.to(self.device))
+                images = self._resident.index_select(0, to_device_async(index, self.device))
                 if mode == "eval":
                     images = (resize_center_crop(images, size, crop_fraction) * 255).round_().to(torch.uint8)
                 yield images, index
@@ -109,7 +120,7 @@ class TorchImageSource:
                 # A batch of only bad files stays, as black images: every rank must run the same steps.
                 if len(keep):
                     images, index = images[keep], index[keep]
-            yield images.to(self.device, non_blocking=True), index
+            yield to_device_async(images, self.device), index
 
     def load(self, indices: torch.Tensor, *, size: int, crop_fraction: float) -> torch.Tensor:
         """Eval-preprocessed uint8 images for arbitrary indices, decoded by a thread pool (PIL releases
@@ -130,7 +141,7 @@ class TorchImageSource:
 
         with ThreadPoolExecutor(max(1, self.num_workers)) as pool:
             images = torch.stack(list(pool.map(one, batch.tolist())))
-        return images.to(self.device, non_blocking=True)
+        return to_device_async(images, self.device)
 
 
 class TorchTrainLoader:
@@ -173,7 +184,7 @@ class TorchTrainLoader:
             mode, (spec1, spec2) = self.view_mode, self.views
             v1 = self.normalize(augment_batch(images, spec1, self.image_size, self.generator))
             v2 = self.normalize(augment_batch(images, spec2, self.image_size, self.generator))
-            index = index.to(self.source.device, non_blocking=True)
+            index = to_device_async(index, self.source.device)
             yield TrainBatch(v1, v2, index, self.labels.index_select(0, index), views=mode)
 
     def state_dict(self) -> dict:

@@ -90,10 +90,24 @@ def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tens
     return (factor[:, None, None, None] * a + (1 - factor[:, None, None, None]) * b).clamp_(0, 1)
 
 
+_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_YIQ_MATRICES: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _yiq_matrices(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB -> YIQ and its inverse, made once per device and dtype: built from a Python list and inverted
+    on the device for every view, they cost two host syncs per view (a pageable copy, linalg.inv's check).
+    Inverted on the CPU in `dtype`, as the CPU path always did, then copied once."""
+    key = (device, dtype)
+    if key not in _YIQ_MATRICES:
+        to_yiq = torch.tensor(_RGB_TO_YIQ, dtype=dtype)
+        _YIQ_MATRICES[key] = (to_yiq.to(device), torch.linalg.inv(to_yiq).to(device))
+    return _YIQ_MATRICES[key]
+
+
 def _rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     # A hue shift is a rotation of the chroma plane; in YIQ it is a plain 2-D rotation.
-    to_yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    from_yiq = torch.linalg.inv(to_yiq)
+    to_yiq, from_yiq = _yiq_matrices(x.device, x.dtype)
     yiq = torch.einsum("ij,bjhw->bihw", to_yiq, x)
     angle = turns * 2 * math.pi
     cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]

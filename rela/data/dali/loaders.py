@@ -16,6 +16,7 @@ from rela.data.budget import BudgetSampler
 from rela.data.dali.driver import FedPipeline, HostBatch, draw_view_params, eval_params
 from rela.data.datasets import ArrayImages, FileImages
 from rela.data.interfaces import TrainBatch
+from rela.data.loader import to_device_async
 from rela.data.views import VIEW_MODES, Normalize, view_pair
 
 
@@ -85,7 +86,7 @@ class DaliTrainLoader:
         # A step is fed again when the mode or pair changed after it was fed, so the mode it carries
         # (key[0]) is the one its views were made with.
         for step, (view1, view2) in self._pipeline.steps(batches, inputs_for, lambda: (self.view_mode, self.views)):
-            index = torch.from_numpy(step.host.index).to(self.device, non_blocking=True)
+            index = to_device_async(torch.from_numpy(step.host.index), self.device)
             yield TrainBatch(self._finish(view1), self._finish(view2), index, self.labels.index_select(0, index),
                              views=step.key[0])
 
@@ -131,7 +132,7 @@ class DaliImageSource:
         batch = np.asarray(torch.as_tensor(indices).cpu(), dtype=np.int64).reshape(-1)
         out = torch.zeros((len(batch), 3, size, size), dtype=torch.uint8, device=self.device)
         for step, images in self._steps([batch], "eval", size, crop_fraction):
-            out[torch.from_numpy(step.host.position).to(self.device)] = images
+            out[to_device_async(torch.from_numpy(step.host.position), self.device)] = images
         return out
 
     def _steps(self, batches, mode: str, size: int, crop_fraction: float):
