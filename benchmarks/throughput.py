@@ -51,16 +51,14 @@ from benchmarks.loader import batches_forever, take  # noqa: E402
 from benchmarks.prior import interleaved  # noqa: E402
 from benchmarks.timing import environment, print_table, time_fn, write_json  # noqa: E402
 from rela.config import PRESETS, Config, resolve_config  # noqa: E402
-from rela.data.budget import BudgetSampler  # noqa: E402
 from rela.data.datasets import load_dataset  # noqa: E402
-from rela.data.factory import build_image_source, build_train_loader, choose_loader  # noqa: E402
+from rela.data.factory import build_image_source, choose_loader  # noqa: E402
 from rela.data.loader import TrainBatch  # noqa: E402
-from rela.data.views import Normalize  # noqa: E402
 from rela.errors import RelaError  # noqa: E402
 from rela.models.backbones import build_backbone  # noqa: E402
 from rela.prior.specs import load_prior  # noqa: E402
 from rela.prior.target_bank import TargetBank  # noqa: E402
-from rela.run import build_networks, build_target_bank, center_crop_fraction, peak_learning_rate  # noqa: E402
+from rela.run import build_networks, build_run, build_target_bank, center_crop_fraction, peak_learning_rate  # noqa: E402
 from rela.step import train_step  # noqa: E402
 from rela.train import run  # noqa: E402
 from rela.utils.distributed import DistInfo  # noqa: E402
@@ -249,27 +247,25 @@ def release_memory(device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 def time_loaders(cfg: Config, device: torch.device, precision: str, *, warmup: int, repeats: int) -> list[dict]:
-    """images/s of the trainer's loader on the dataset (both view modes), and of DALI where it would run."""
-    splits = load_dataset(cfg.dataset, cfg.data, split_seed=cfg.seed, val_fraction=cfg.val_fraction)
-    kinds = [False] + ([True] if device.type == "cuda" and choose_loader(cfg, device) else [])
-    channels_last = device.type == "cuda"
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # as rela/train.py: the autocast dtype
-    normalize = Normalize(splits.mean, splits.std, device, dtype=dtype, channels_last=channels_last)
-    sampler = BudgetSampler(len(splits.train), 1.0, cfg.batch_size, seed=0)
+    """images/s of the trainer's own loader on the dataset (built by rela.run.build_run, as `python -m
+    rela.train` builds it; both view modes), and of DALI where it would run."""
+    kinds = ["torch"] + (["dali"] if device.type == "cuda" and choose_loader(cfg, device) else [])
     chunk = max(4, 2 * cfg.workers)  # batches per repeat: more than a worker pool keeps buffered
     rows = []
-    for use_dali in kinds:
-        source = build_image_source(cfg, splits.train, device, use_dali)
-        loader = build_train_loader(cfg, splits, source, sampler, normalize, seed=0, use_dali=use_dali)
+    for kind in kinds:
+        run_cfg = dataclasses.replace(cfg, prior="none", budget=1.0, loader=kind, precision=precision,
+                                      device=device.type, progress=False)
+        loader = build_run(run_cfg, DistInfo(), device, run_dir=None, log=RunLog(None, enabled=False)).loader
         for mode in ("rela", "byol"):
             loader.set_view_mode(mode)
             batches = batches_forever(loader.epoch, lambda b: b)
             timing = time_fn(lambda: take(batches, chunk), device=device, warmup=warmup, repeats=repeats)
             batches.close()
-            rows.append({"loader": "dali" if use_dali else "torch", "views": mode, "batch": cfg.batch_size,
+            rows.append({"loader": kind, "views": mode, "batch": cfg.batch_size,
                          "size": cfg.image_size, "images_per_s": chunk * cfg.batch_size / timing["median_ms"] * 1e3,
                          "median_ms_per_batch": timing["median_ms"] / chunk})
-        del loader, source
+        del loader
+        release_memory(device)
     return rows
 
 

@@ -10,21 +10,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rela.data.interfaces import TrainBatch
 from rela.methods.learner import Learner
+from rela.ops import prepare_ema_
 from rela.prior.target_bank import TargetBank
 
 
 def make_ema_updater(learner: Learner, fused: bool | None) -> Callable[[float], None]:
-    """The target network's EMA step. Call before building the optimiser and DDP: the target's and the
-    online network's parameters become views into one flat buffer each (one kernel launch per step)."""
-    from rela.ops import ema_update_, prepare_ema_
-
-    target, online = learner.nets.target_pair(), learner.nets.online_pair()
-    prepare_ema_(target, online)
-
-    def update(momentum: float) -> None:
-        ema_update_(target, online, momentum, fused=fused)
-
-    return update
+    """The target network's EMA step, `update(momentum)`. Call before building the optimiser and DDP: on the
+    fused path the target's and the online network's parameters become views into one flat buffer each
+    (one kernel launch per step)."""
+    return prepare_ema_(learner.nets.target_pair(), learner.nets.online_pair(), fused=fused).update
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ema: Callable[[float], None],

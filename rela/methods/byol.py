@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from rela.models.heads import mlp_head
+from rela.ops import byol_loss
 
 
 class ByolNetworks(nn.Module):
@@ -32,8 +33,6 @@ class ByolNetworks(nn.Module):
 def byol_step(nets: ByolNetworks, view1: torch.Tensor, view2: torch.Tensor, *, fused: bool | None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both views in one forward. Returns (loss, backbone features (2B, F)) for the online probe."""
-    from rela.ops import byol_loss
-
     both = torch.cat([view1, view2])
     features = nets.backbone(both)
     predictions = nets.predictor(nets.projector(features))

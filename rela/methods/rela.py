@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from rela.ops import rela_loss
+
 
 class RelaMap(nn.Module):
     """W: backbone features -> target width. Random and frozen unless trainable."""
@@ -29,8 +31,6 @@ class RelaMap(nn.Module):
 def rela_step(backbone: nn.Module, rela_map: RelaMap, view1: torch.Tensor, view2: torch.Tensor,
               targets: torch.Tensor, *, fused: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
     """No target-network forward. targets: (B, k) rows of the bank. Returns (loss, features (2B, F))."""
-    from rela.ops import rela_loss
-
     features = backbone(torch.cat([view1, view2]))
     predicted = rela_map(features)
     return rela_loss(predicted, torch.cat([targets, targets]).to(predicted.dtype), fused=fused), features

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from rela.utils.checkpoint import atomic_write_bytes
+
 
 class Progress:
     """A tqdm bar on rank 0 (rate and ETA); silent elsewhere."""
@@ -39,8 +41,6 @@ class RunLog:
 
     def trim_metrics(self, after_step: int) -> None:
         """Drops rows past `after_step` (logged after the checkpoint a run resumes from), atomically."""
-        from rela.utils.checkpoint import atomic_write_bytes
-
         if self.metrics_path is None or not self.metrics_path.is_file():
             return
         rows = self.metrics_path.read_text().splitlines()

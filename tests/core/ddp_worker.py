@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
-import numpy as np
 import torch
 
 from rela.config import resolve_config
-from rela.eval.features import extract_features
 from rela.data.views import Normalize
+from rela.eval.features import extract_features
 from rela.run import build_run
 from rela.utils import distributed as dist_utils
 from rela.utils.progress import RunLog

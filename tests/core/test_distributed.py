@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from builders import FAST_ARGS, write_imagefolder
 from rela.data.budget import BudgetSampler
