@@ -38,6 +38,8 @@ class Config:
     rela_phase: str = opt("adaptive", "end of the RELA phase: 'adaptive' (loss plateau) or a fraction of "
                                       "the training steps, e.g. 0.3")
     rela_threshold: float = opt(0.995, "adaptive rule: end when rho = exp(-max(slow - fast, 0)) >= this")
+    rela_averaging_scale: float = opt(1.0, "adaptive rule: shorten the fast and slow averages' memory this many times "
+                                           "(decays 1 - S*0.001 and 1 - S*0.01; 1 is the reference's) for short runs")
     rela_train_map: bool = opt(False, "train the linear map W from features to targets (fixed random by default)")
     rela_crop_min_scale: float = opt(0.25, "smallest random-crop scale of RELA's views")
     byol_crop_min_scale: float = opt(0.08, "smallest random-crop scale of BYOL's views")
@@ -72,7 +74,7 @@ class Config:
     workers: int = opt(4, "decoding workers per rank (file datasets)")
     sync_bn: bool = opt(False, "synchronise BatchNorm statistics across ranks")
     ckpt_every: int = opt(500, "checkpoint every N steps (and at each epoch end)")
-    log_every: int = opt(20, "log metrics (and check the RELA plateau) every N steps")
+    log_every: int = opt(20, "log metrics every N steps")
     stop_after_steps: int | None = opt(None, "stop (with a checkpoint) after this many steps, as if interrupted")
     deterministic: bool = opt(False, "deterministic algorithms (slower; for exact resume checks)")
     progress: bool = opt(True, "show a progress bar on rank 0")
@@ -171,6 +173,8 @@ def validate(cfg: Config) -> None:
     for name in ("rela_crop_min_scale", "byol_crop_min_scale"):
         if not 0.0 < getattr(cfg, name) <= 1.0:
             raise RelaError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(cfg, name)}")
+    if cfg.rela_averaging_scale <= 0 or cfg.rela_averaging_scale > 99:
+        raise RelaError(f"--rela-averaging-scale must be in (0, 99], got {cfg.rela_averaging_scale}")
     if cfg.knn_temperature <= 0:
         raise RelaError(f"--knn-temperature must be positive, got {cfg.knn_temperature}")
     if cfg.stop_after_steps is not None and cfg.stop_after_steps < 1:
@@ -180,7 +184,7 @@ def validate(cfg: Config) -> None:
 # Options that fix a run's trajectory: a resumed run must have the same ones.
 TRAJECTORY_OPTIONS = ("dataset", "data", "image_size", "arch", "prior", "prior_seed", "prior_size", "budget", "epochs",
                       "batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "warmup_epochs", "base_momentum",
-                      "proj_hidden", "proj_dim", "rela_phase", "rela_threshold", "rela_train_map", "seed")
+                      "proj_hidden", "proj_dim", "rela_phase", "rela_threshold", "rela_averaging_scale", "rela_train_map", "seed")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

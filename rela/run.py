@@ -137,7 +137,7 @@ def build_run(cfg: Config, dist: DistInfo, device: torch.device, run_dir: Path, 
                                                     dist, device, channels_last=channels_last, fused=fused)
 
     schedule = _build_schedule(cfg, -(-sampler.steps_per_epoch // cfg.grad_accum))
-    controller = PhaseController(device, threshold=cfg.rela_threshold)
+    controller = PhaseController(device, threshold=cfg.rela_threshold, averaging_scale=cfg.rela_averaging_scale)
     if bank is not None and schedule.rela_end_fixed is None and schedule.total_steps < controller.earliest_plateau_step():
         log.info(f"note: the adaptive rule cannot end the RELA phase in {schedule.total_steps} steps (its moving "
                  f"averages need {controller.earliest_plateau_step()} or more): this run stays in RELA throughout; "

@@ -67,9 +67,9 @@ def train(run: Run) -> bool:
         while state.epoch < cfg.epochs:
             epoch_over = False
             for micro_batches, epoch_over in _epoch_steps(run, window):
-                logged = _optimizer_step(run, micro_batches, epoch_over, window, bar)
+                _optimizer_step(run, micro_batches, epoch_over, window, bar)
                 kill_point("after-step", state.step)  # tests: a death between a log row and a checkpoint
-                if state.phase == "rela" and _rela_phase_over(run, can_read=logged):
+                if state.phase == "rela" and _rela_phase_over(run):
                     _hand_over(run, ended_by="plateau" if run.schedule.rela_end_fixed is None else "fraction")
                 if epoch_over:
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
@@ -110,9 +110,9 @@ def _epoch_steps(run: Run, window: "_Window") -> Iterator[tuple[list[TrainBatch]
 
 
 def _optimizer_step(run: Run, micro_batches: list[TrainBatch], epoch_over: bool, window: "_Window",
-                    bar: Progress) -> bool:
+                    bar: Progress) -> None:
     """One step of the current phase, its counters, the controller's update and, at logging steps (every
-    --log-every and at each epoch's end), a metrics row. Returns whether it logged (and so synced)."""
+    --log-every and at each epoch's end), a metrics row."""
     state = run.state
     lr, momentum = run.schedule.lr(state.step), run.schedule.momentum(state.step)
     loss, probe_loss, probe_accuracy = train_step(
@@ -140,15 +140,15 @@ def _optimizer_step(run: Run, micro_batches: list[TrainBatch], epoch_over: bool,
         bar.update(0, loss=f"{record['loss']:.4f}", phase=state.phase, rho=f"{record['rho']:.4f}")
         window.reset()
     bar.update(1)
-    return log_now
 
 
-def _rela_phase_over(run: Run, can_read: bool) -> bool:
+def _rela_phase_over(run: Run) -> bool:
+    """Checked after every RELA step: at the set step (--rela-phase FRACTION), or once the adaptive rule
+    fired, as the host learns it a step later without waiting for the device (PhaseController)."""
     fixed_end = run.schedule.rela_end_fixed
     if fixed_end is not None:
         return run.state.step >= fixed_end
-    # Reading the flag is a host sync: only at logging steps, where we sync anyway.
-    return can_read and bool(run.controller.done.item())
+    return run.controller.ended_before()
 
 
 def _hand_over(run: Run, ended_by: str) -> None:

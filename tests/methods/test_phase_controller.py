@@ -7,12 +7,14 @@ from rela.methods.rela import PhaseController
 
 
 def transcription(losses, threshold=0.995):
-    """The rule as the issue states it, in plain Python floats."""
-    fast, slow, crossed_at, rhos = 1.0, 2.0, None, []
-    for step, loss in enumerate(losses, start=1):
-        fast = 0.999 * fast + 0.001 * loss
-        slow = 0.99 * slow + 0.01 * fast
-        rho = math.exp(-max(slow - fast, 0.0))
+    """The reference code's update (LINs-lab/ReLA boostor/rela.py, training_step wrapper), in plain Python
+    floats: rho from the averages as they stand, then the averages. Returns every step's rho and the
+    step whose rho first crossed: the reference's last RELA step."""
+    rela_loss, rela_loss_fast, crossed_at, rhos = 2.0, 1.0, None, []
+    for step, cur_loss in enumerate(losses, start=1):
+        rho = math.exp(-max(rela_loss - rela_loss_fast, 0) * 1)
+        rela_loss_fast = rela_loss_fast * 0.999 + cur_loss * 0.001
+        rela_loss = rela_loss * 0.99 + rela_loss_fast * 0.01
         rhos.append(rho)
         if rho >= threshold and crossed_at is None:
             crossed_at = step
@@ -75,3 +77,28 @@ def test_flat_loss_hands_over_and_falling_loss_does_not_at_the_default_threshold
     assert flat.threshold == 0.995
     assert flat.done.item() and 0 < flat.plateau_step.item() < steps
     assert not falling.done.item() and falling.plateau_step.item() == -1
+
+
+def test_the_host_learns_of_the_plateau_exactly_one_step_after_the_reference_hands_over():
+    """A loss curve whose crossing step is known from the transcription: `ended_before`, read after each
+    update as the trainer does, first says True one step after that step, never earlier."""
+    losses = [1.0] * 700
+    _, crossed_at = transcription(losses)
+    assert crossed_at is not None and 400 < crossed_at < 700
+    controller = PhaseController(torch.device("cpu"))
+    handed_over_at = None
+    for step, loss in enumerate(losses, start=1):
+        controller.update(torch.tensor(loss), step)
+        if controller.ended_before():
+            handed_over_at = step
+            break
+    assert controller.plateau_step.item() == crossed_at
+    assert handed_over_at == crossed_at + 1
+
+
+def test_averaging_scale_shortens_the_rule_and_scale_one_is_the_reference():
+    reference = PhaseController(torch.device("cpu"))
+    assert (reference.fast_decay, reference.slow_decay) == (0.999, 0.99)
+    fast = PhaseController(torch.device("cpu"), averaging_scale=10)
+    assert fast.fast_decay == pytest.approx(0.99) and fast.slow_decay == pytest.approx(0.9)
+    assert fast.earliest_plateau_step() < reference.earliest_plateau_step() / 5
