@@ -106,9 +106,8 @@ def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Te
     never differentiated (as if detached). Any strides; float32|bf16|fp16 (float64 too), mixed
     dtypes allowed, accumulated in float32. Returns a 0-dim float32 tensor (float64 for float64
     inputs); the gradients have the dtypes of p1, p2.
-    fused: None runs the Triton kernels for CUDA tensors (and CPU tensors when Triton was imported
-    under TRITON_INTERPRET=1) and the reference otherwise; False forces `byol_loss_reference`; True
-    demands the kernels.
+    fused: None runs the Triton kernels for CUDA tensors and the reference for CPU tensors; False
+    forces `byol_loss_reference`; True demands the kernels (see rela.ops._dispatch).
     """
     _check_rows(("p1", "p2", "z1", "z2"), (p1, p2, z1, z2))
     if use_kernels(fused, p1.device):

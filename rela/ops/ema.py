@@ -4,8 +4,8 @@
     target.buffer <- online.buffer                                          (BN running stats, counters)
 
 `prepare_ema_(target, online)` returns an `EmaPair`, whose `update(momentum)` is this step. On the
-fused path (CUDA modules, or CPU ones when Triton runs interpreted) the pair does it in ONE kernel
-launch: `prepare_ema_` first moves the parameters of both modules into one flat buffer each (and their
+fused path (CUDA modules; CPU ones only with fused=True, in Triton's interpreter) the pair does it
+in ONE kernel launch: `prepare_ema_` first moves the parameters of both modules into one flat buffer each (and their
 buffers into one word buffer each), in place, and the pair owns these buffers. Every parameter and
 buffer keeps its identity (same tensor object, same requires_grad, same .grad) and only its storage
 becomes a view into the flat buffer. An optimizer built before therefore keeps working (it holds the
@@ -258,8 +258,8 @@ def prepare_ema_(target: nn.Module, online: nn.Module, *, fused: bool | None = N
     parameters of one floating dtype. Call once after moving them to their device and before
     building the optimizer, DDP or torch.compile around `online` (pass the unwrapped module).
     The online module's values are untouched; the target's parameters take the online's strides.
-    fused: None picks the kernels for CUDA modules (and CPU ones when Triton was imported under
-    TRITON_INTERPRET=1), False the reference (nothing is flattened), True demands the kernels.
+    fused: None picks the kernels for CUDA modules and the reference for CPU ones, False the
+    reference (nothing is flattened), True demands the kernels (see rela.ops._dispatch).
     """
     _check_structure(target, _structure(online), "the target")
     device = _device(target, online)
