@@ -8,6 +8,8 @@ The Triton kernels live in the top-level folder kernels/ and are installed as `r
 top-level `kernels` package lands in site-packages.
 """
 import os
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,6 +17,9 @@ from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = Path(__file__).parent
+# setuptools' build backend runs this file with the backend's folder on sys.path, not this one.
+sys.path.insert(0, str(ROOT))
+from build_support import decide_from_environment  # noqa: E402  (shipped in the sdist: MANIFEST.in)
 
 
 def extensions():
@@ -23,14 +28,15 @@ def extensions():
         return [], {}
     cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
     # torch guesses CUDA_HOME from the nvcc on PATH; where that nvcc is a wrapper script (/usr/local/bin)
-    # the guess has no headers or libraries, so look for a toolkit that does. RELA_CPU_ONLY=1 skips CUDA.
-    toolkit = None
-    if cuda_sources and torch.version.cuda is not None and os.environ.get("RELA_CPU_ONLY", "0") != "1":
-        for home in (cpp_extension.CUDA_HOME, os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-            if home and (Path(home) / "include" / "cuda_runtime.h").is_file():
-                toolkit = Path(home)
-                break
-    use_cuda = toolkit is not None
+    # the guess has no headers or libraries, so look for a toolkit that does, of torch's CUDA major version
+    # (build_support.py). RELA_CPU_ONLY=1 skips CUDA.
+    use_cuda, toolkit, reason = decide_from_environment(cpp_extension.CUDA_HOME, bool(cuda_sources),
+                                                        torch.version.cuda)
+    if use_cuda:
+        print(f"rela._C: with CUDA ({reason})")
+    elif torch.version.cuda is not None and cuda_sources:
+        warnings.warn(f"rela._C without CUDA: {reason}; the raw bank then copies the prior's outputs to the "
+                      "host with a sync per batch", stacklevel=1)
     # torch 2.14 headers need C++20; hidden visibility as pybind11 recommends (and silences its warnings).
     cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
     define_macros = []

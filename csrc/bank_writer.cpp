@@ -110,6 +110,7 @@ void BankWriter::run() {
     return !pending.empty() && std::chrono::steady_clock::now() - last_flush >= flush_interval_;
   };
   try {
+    ring_->bind_current_thread();  // the rank's GPU, not GPU 0, before any CUDA call on this thread
     while (true) {
       Job job;
       bool have_job = false;

@@ -76,6 +76,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace rela;
   m.doc() = "rela's C++ extension: the raw feature bank (file, shard plan, ring + writer thread).";
   m.attr("with_cuda") = built_with_cuda();
+  m.def("built_with_cuda", &built_with_cuda,
+        "True when compiled with RELA_WITH_CUDA (setup.py found a toolkit of torch's CUDA major version): "
+        "the writer then takes outputs on a CUDA device through a pinned ring.");
 
   m.def("xxh64", [](py::bytes data, uint64_t seed) {
     const std::string bytes = data;

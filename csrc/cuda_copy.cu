@@ -87,6 +87,8 @@ void DeviceToHostRing::fill(int index, const void* src, size_t bytes, uintptr_t 
   check(cudaStreamWaitEvent(producer, copied, 0), "cudaStreamWaitEvent (producer)");
 }
 
+void DeviceToHostRing::bind_current_thread() const { check(cudaSetDevice(impl_->device), "cudaSetDevice"); }
+
 void DeviceToHostRing::wait(int index) const {
   check(cudaEventSynchronize(impl_->copied.at(index)), "cudaEventSynchronize");
 }

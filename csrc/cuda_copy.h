@@ -31,6 +31,9 @@ class DeviceToHostRing final : public HostRing {
   // Blocks the calling thread until slot `index`'s last copy has landed in host memory.
   void wait(int index) const override;
 
+  // cudaSetDevice(device) on the calling thread (the writer thread, before its first wait()).
+  void bind_current_thread() const override;
+
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;

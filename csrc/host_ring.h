@@ -17,6 +17,10 @@ class HostRing {
   virtual void fill(int index, const void* src, size_t bytes, uintptr_t producer_stream) = 0;
   // Blocks the calling thread until slot `index`'s last fill has landed.
   virtual void wait(int index) const = 0;
+  // Called first on the thread that will wait() on the ring: the CUDA ring makes its device current
+  // there, since a fresh thread's current device is 0 and its first runtime call would open a context
+  // on GPU 0 (on every rank of a multi-GPU node). Nothing to do for the CPU ring.
+  virtual void bind_current_thread() const {}
 };
 
 // device < 0: pageable buffers filled by memcpy. device >= 0: pinned buffers filled on a side stream of
