@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import environment, print_table, time_fn, write_json  # noqa: E402
-from rela.ops import (byol_loss, byol_loss_reference, ema_update_, ema_update_reference_, prepare_ema_,  # noqa: E402
+from rela.ops import (byol_loss, byol_loss_reference, ema_update_reference_, prepare_ema_,  # noqa: E402
                       rela_loss, rela_loss_reference)
 
 WIDTH = 256
@@ -123,10 +123,10 @@ def bench_ema(device, timing, fused_ok, rows, notes) -> dict:
     else:
         notes.append(f"ema: torch.compile failed: {error}")
     if fused_ok:
-        prepare_ema_(target, online)
-        candidates["fused"] = lambda: ema_update_(target, online, MOMENTUM, fused=True)
+        pair = prepare_ema_(target, online, fused=True)  # what the trainer keeps: no per-call module walk
+        candidates["fused"] = lambda: pair.update(MOMENTUM)
         momentum = torch.tensor(MOMENTUM, device=device)
-        candidates["fused_tensor_m"] = lambda: ema_update_(target, online, momentum, fused=True)
+        candidates["fused_tensor_m"] = lambda: pair.update(momentum)
 
     copy_gbps = copy_bandwidth_gbps(device, max(param_bytes // 4, 1 << 26), timing)
     times = {name: time_fn(fn, device=device, **timing)["median_ms"] for name, fn in candidates.items()}

@@ -22,27 +22,36 @@ class Config:
     data: str | None = opt(None, "data folder (CIFAR batches, or an ImageFolder tree with optional train/ and val/)")
     preset: str | None = opt(None, "option preset (defaults to the dataset's; 'imagenet' for ImageNet-1K scale)",
                              ("digits", "cifar10", "cifar100", "imagefolder", "imagenet"))
+    recipe: str = opt("project", "'reference' takes every choice of the reference code (LINs-lab/ReLA) that the "
+                                 "options below can express; each is also an option of its own (README: Differences "
+                                 "from the reference code)", ("project", "reference"))
     image_size: int = opt(224, "training crop size in pixels")
     val_fraction: float = opt(0.2, "held-out fraction for validation when the data has no val split")
     skip_corrupt: bool = opt(False, "skip images that fail to decode (and report how many) instead of stopping")
     # What to train
     arch: str = opt("resnet50", "backbone: resnet18, resnet50, resnet18_cifar, resnet50_cifar, small_resnet")
     method: str = opt("byol", "self-supervised method of the SSL phase", ("byol",))
-    proj_hidden: int = opt(4096, "projector/predictor hidden width")
+    proj_hidden: int = opt(4096, "projector/predictor hidden width (0: twice the backbone's width, the reference's)")
     proj_dim: int = opt(256, "projection width")
     # RELA
     prior: str = opt("rand", "prior: none | rand | torchvision:NAME[:WEIGHTS.pth] | torchscript:PATH | run:DIR")
     prior_size: int | None = opt(None, "prior input size (default: 224 for torchvision/torchscript priors, "
                                        "the training size for rand, the run's size for run:)")
-    prior_seed: int | None = opt(None, "seed of a randomly initialised prior (default: --seed + 1)")
+    prior_seed: int | None = opt(None, "seed of a randomly initialised prior (default: --seed, so that --prior rand "
+                                       "is the student's own initial network, as in the reference code)")
     rela_phase: str = opt("adaptive", "end of the RELA phase: 'adaptive' (loss plateau) or a fraction of "
                                       "the training steps, e.g. 0.3")
     rela_threshold: float = opt(0.995, "adaptive rule: end when rho = exp(-max(slow - fast, 0)) >= this")
     rela_averaging_scale: float = opt(1.0, "adaptive rule: shorten the fast and slow averages' memory this many times "
                                            "(decays 1 - S*0.001 and 1 - S*0.01; 1 is the reference's) for short runs")
     rela_train_map: bool = opt(False, "train the linear map W from features to targets (fixed random by default)")
+    rela_map_bias: bool = opt(False, "give W a bias (an affine map, nn.Linear's initialisation, as in the reference)")
+    rela_views: str = opt("project", "RELA's views: 'project' (crop 0.25-1, flip, light jitter p=0.3) or "
+                                     "'reference' (crop 0.5-1, flip, jitter 0.8/0.8/0.8/0.2 p=0.8, grayscale p=0.2)",
+                          ("project", "reference"))
     rela_crop_min_scale: float = opt(0.25, "smallest random-crop scale of RELA's views")
     byol_crop_min_scale: float = opt(0.08, "smallest random-crop scale of BYOL's views")
+    byol_blur: bool = opt(True, "Gaussian blur in BYOL's views (the reference leaves it out on 32 px CIFAR)")
     bank_dir: str = opt(".rela_cache", "folder for target banks, keyed by dataset, prior and preprocessing")
     target_bank: str | None = opt(None, "use this target bank file (error if its key or shape does not match)")
     bank_batch_size: int = opt(256, "batch size of the prior's pass over the training set")
@@ -54,13 +63,24 @@ class Config:
     optimizer: str = opt("lars", "optimiser", ("adamw", "lars"))
     lr: float = opt(0.2, "learning rate per 256 images (scaled linearly with the batch size)")
     weight_decay: float = opt(1.5e-6, "weight decay (not on biases and norm layers)")
-    warmup_epochs: float = opt(10.0, "linear warm-up epochs, then cosine decay")
-    base_momentum: float = opt(0.996, "EMA momentum of the target network at the start (cosine to 1.0)")
+    warmup_epochs: float = opt(10.0, "linear warm-up epochs, then the --lr-schedule")
+    lr_schedule: str = opt("cosine", "learning rate after the warm-up: cosine decay to 0, or constant",
+                           ("cosine", "constant"))
+    base_momentum: float = opt(0.996, "EMA momentum of the target network at the start")
+    momentum_schedule: str = opt("cosine", "EMA momentum: cosine from --base-momentum to 1.0 (BYOL's), or constant",
+                                 ("cosine", "constant"))
     # Evaluation
     knn_k: int = opt(20, "neighbours of the kNN classifier")
     knn_temperature: float = opt(0.07, "temperature of the kNN classifier's votes")
     probe_epochs: int = opt(100, "epochs of the offline linear probe on frozen features")
+    probe_protocol: str = opt("project", "linear probe: 'project' (standardised features, AdamW 1e-2 + cosine, "
+                                         "final accuracy) or 'reference' (raw features, Adam 3e-4, mean and std of "
+                                         "the last 3 epochs' accuracy)", ("project", "reference"))
     eval_batch_size: int = opt(256, "batch size of feature extraction")
+    monitor_every: int = opt(0, "kNN monitor on fixed subsets of the splits, logged with the time: every N steps "
+                                "(0: at each epoch's end)")
+    monitor: bool = opt(True, "run the kNN monitor (its own time is reported apart: monitor_s)")
+    monitor_size: int = opt(1000, "training images in the kNN monitor's memory bank (and half as many queries)")
     # Machinery
     seed: int = opt(0, "random seed")
     out: str | None = opt(None, "run folder: config.json, metrics.jsonl, checkpoints, summary.json "
@@ -96,6 +116,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                      proj_dim=256, knn_k=200, workers=8),
 }
 PRESETS["cifar100"] = PRESETS["cifar10"]
+
+# The reference code's choices (LINs-lab/ReLA: main.py's defaults, methods/byol.py, boostor/rela.py,
+# metrics/lineareval.py). Applied over the preset, under the user's own flags. Its lr is absolute (1e-3
+# at any batch size): --lr is per 256 images here, so it is converted in resolve_config.
+REFERENCE_RECIPE: dict[str, Any] = dict(
+    optimizer="adamw", weight_decay=0.01, warmup_epochs=0.0, lr_schedule="constant", base_momentum=0.99,
+    momentum_schedule="constant", proj_hidden=0, proj_dim=256, rela_map_bias=True, rela_views="reference",
+    probe_protocol="reference")
+REFERENCE_LR = 1e-3
 
 
 
@@ -134,7 +163,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 
 def resolve_config(given: dict[str, Any]) -> Config:
-    """Dataclass defaults, then the preset, then what the user gave."""
+    """Dataclass defaults, then the preset, then the recipe, then what the user gave."""
     unknown = set(given) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise RelaError(f"unknown option(s): {', '.join(sorted(unknown))}")
@@ -142,7 +171,12 @@ def resolve_config(given: dict[str, Any]) -> Config:
     preset = given.get("preset") or dataset
     if preset not in PRESETS:
         raise RelaError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    values = {**PRESETS[preset], **given, "preset": preset}
+    values = {**PRESETS[preset], "preset": preset}
+    if given.get("recipe") == "reference":
+        batch_size = given.get("batch_size", values.get("batch_size", Config.batch_size))
+        image_size = given.get("image_size", values.get("image_size", Config.image_size))
+        values.update(REFERENCE_RECIPE, lr=REFERENCE_LR * 256 / batch_size, byol_blur=image_size > 32)
+    values.update(given)
     cfg = Config(**values)
     validate(cfg)
     return cfg
@@ -158,8 +192,12 @@ def validate(cfg: Config) -> None:
             raise RelaError(f"--rela-phase must be 'adaptive' or a fraction in (0, 1], got {cfg.rela_phase!r}") from None
         if not 0.0 < fraction <= 1.0:
             raise RelaError(f"--rela-phase fraction must be in (0, 1], got {fraction}")
+    if cfg.proj_hidden < 0 or cfg.proj_dim < 1:
+        raise RelaError("--proj-hidden must be >= 0 (0: twice the backbone width) and --proj-dim >= 1")
+    if cfg.monitor_every < 0:
+        raise RelaError(f"--monitor-every must be >= 0 (0: each epoch's end), got {cfg.monitor_every}")
     for name in ("epochs", "batch_size", "grad_accum", "image_size", "log_every", "ckpt_every", "bank_batch_size",
-                 "eval_batch_size", "knn_k", "probe_epochs"):
+                 "eval_batch_size", "knn_k", "probe_epochs", "monitor_size"):
         if getattr(cfg, name) < 1:
             raise RelaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.workers < 0:
@@ -184,7 +222,9 @@ def validate(cfg: Config) -> None:
 # Options that fix a run's trajectory: a resumed run must have the same ones.
 TRAJECTORY_OPTIONS = ("dataset", "data", "image_size", "arch", "prior", "prior_seed", "prior_size", "budget", "epochs",
                       "batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "warmup_epochs", "base_momentum",
-                      "proj_hidden", "proj_dim", "rela_phase", "rela_threshold", "rela_averaging_scale", "rela_train_map", "seed")
+                      "proj_hidden", "proj_dim", "rela_phase", "rela_threshold", "rela_averaging_scale", "rela_train_map", "seed",
+                      "rela_map_bias", "rela_views", "byol_blur", "lr_schedule", "momentum_schedule",
+                      "rela_crop_min_scale", "byol_crop_min_scale")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -18,10 +18,11 @@ from torch.nn.parallel import DistributedDataParallel
 from rela.config import Config
 from rela.data.budget import BudgetSampler
 from rela.data.datasets import DatasetSplits, load_dataset
-from rela.data.factory import create_loaders
+from rela.data.factory import build_image_source, create_loaders
 from rela.data.interfaces import ImageSource, TrainLoader
 from rela.data.views import Normalize, resize_center_crop
 from rela.errors import RelaError
+from rela.eval.monitor import KnnMonitor
 from rela.methods.byol import ByolNetworks, target_momentum
 from rela.methods.learner import Learner
 from rela.methods.rela import PhaseController, RelaMap
@@ -47,22 +48,29 @@ class TrainState:
     elapsed_s: float = 0.0  # wall-clock of the earlier segments of a resumed run (bank build included)
     target_bank_s: float = 0.0
     online_probe_top1: float | None = None  # at the last logging step
+    monitor_s: float = 0.0  # the kNN monitor's own time, part of elapsed_s
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """The step-indexed schedules: warm-up + cosine learning rate, BYOL's EMA momentum, the RELA phase end."""
+    """The step-indexed schedules: warm-up then cosine or constant learning rate, BYOL's cosine or a constant
+    EMA momentum, the RELA phase's set end."""
     total_steps: int
     warmup_steps: int
     peak_lr: float
     base_momentum: float
     rela_end_fixed: int | None  # None: the adaptive rule decides
+    constant_lr: bool = False
+    constant_momentum: bool = False
 
     def lr(self, step: int) -> float:
+        if self.constant_lr and step >= self.warmup_steps:
+            return self.peak_lr
         return learning_rate(step, self.total_steps, self.warmup_steps, self.peak_lr)
 
     def momentum(self, step: int) -> float:
-        return target_momentum(step, self.total_steps, self.base_momentum)
+        return self.base_momentum if self.constant_momentum else target_momentum(step, self.total_steps,
+                                                                                  self.base_momentum)
 
 
 @dataclass
@@ -85,6 +93,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     controller: PhaseController
+    monitor: KnnMonitor | None
     autocast_dtype: torch.dtype | None
     fused: bool | None
     state: TrainState
@@ -97,6 +106,10 @@ class Run:
     def elapsed_s(self) -> float:
         """Wall-clock of the whole run so far, across resumes."""
         return self.state.elapsed_s + time.time() - self.segment_start
+
+    def training_clock_s(self) -> float:
+        """elapsed_s without the kNN monitor's time: what a run without the monitor would have taken."""
+        return self.elapsed_s() - self.state.monitor_s
 
 
 def pick_device(name: str) -> torch.device:
@@ -142,12 +155,13 @@ def build_run(cfg: Config, dist: DistInfo, device: torch.device, run_dir: Path, 
         log.info(f"note: the adaptive rule cannot end the RELA phase in {schedule.total_steps} steps (its moving "
                  f"averages need {controller.earliest_plateau_step()} or more): this run stays in RELA throughout; "
                  "--rela-phase FRACTION hands over to BYOL at a set point")
+    monitor = _build_monitor(cfg, splits, loaders.use_dali, crop_fraction, dist, device, autocast_dtype) if cfg.monitor else None
     state = TrainState(phase="rela" if bank is not None else "byol", target_bank_s=bank.build_seconds if bank else 0.0)
     loaders.train_loader.set_view_mode(state.phase)
     return Run(cfg=cfg, dist=dist, device=device, run_dir=run_dir, log=log, splits=splits, use_dali=loaders.use_dali,
                crop_fraction=crop_fraction, train_source=loaders.train_source, loader=loaders.train_loader, sampler=sampler, bank=bank,
                learner=learner, model=model, ema=ema, optimizer=optimizer, schedule=schedule,
-               controller=controller, autocast_dtype=autocast_dtype, fused=fused, state=state,
+               controller=controller, monitor=monitor, autocast_dtype=autocast_dtype, fused=fused, state=state,
                segment_start=start_time)
 
 
@@ -159,7 +173,7 @@ def center_crop_fraction(splits: DatasetSplits) -> float:
 def build_target_bank(cfg: Config, splits: DatasetSplits, train_source: ImageSource, crop_fraction: float,
                       target_dim: int, dist: DistInfo, device: torch.device, log: RunLog) -> TargetBank | None:
     """The prior's PCA-reduced features of every training image (None for --prior none)."""
-    prior_seed = cfg.seed + 1 if cfg.prior_seed is None else cfg.prior_seed
+    prior_seed = cfg.seed if cfg.prior_seed is None else cfg.prior_seed  # rand: the student's own initial network
     prior = load_prior(cfg.prior, arch=cfg.arch, image_size=cfg.image_size, seed=prior_seed,
                        prior_size=cfg.prior_size, data_mean=splits.mean, data_std=splits.std)
     if prior is None:
@@ -184,8 +198,9 @@ def build_networks(cfg: Config, backbone: nn.Module, target_dim: int | None, num
                    ) -> tuple[Learner, nn.Module, Callable[[float], None], torch.optim.Optimizer]:
     """The learner (BYOL's networks, RELA's map W when there is a target bank, the online probe) on its
     device; its EMA step; its optimiser; and what the step calls (DDP around the learner under torchrun)."""
-    nets = ByolNetworks(backbone, cfg.proj_hidden, cfg.proj_dim)
-    rela_map = RelaMap(backbone.feature_dim, target_dim, cfg.rela_train_map, seed=cfg.seed + 2) if target_dim else None
+    nets = ByolNetworks(backbone, cfg.proj_hidden or 2 * backbone.feature_dim, cfg.proj_dim)
+    rela_map = (RelaMap(backbone.feature_dim, target_dim, cfg.rela_train_map, seed=cfg.seed + 2, bias=cfg.rela_map_bias)
+                if target_dim else None)
     learner = Learner(nets, rela_map, num_classes)
     if cfg.sync_bn and device.type != "cuda":
         raise RelaError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
@@ -207,8 +222,21 @@ def peak_learning_rate(cfg: Config) -> float:
     return cfg.lr * cfg.batch_size / 256
 
 
+def _build_monitor(cfg: Config, splits: DatasetSplits, use_dali: bool, crop_fraction: float, dist: DistInfo,
+                   device: torch.device, autocast_dtype: torch.dtype | None) -> KnnMonitor:
+    def source(dataset, size: int):
+        subset = dataset.subset(KnnMonitor.subset_indices(len(dataset), size, cfg.seed), f"{dataset.name}/monitor")
+        return build_image_source(cfg, subset, device, use_dali)
+
+    return KnnMonitor(source(splits.train, cfg.monitor_size), source(splits.val, cfg.monitor_size // 2),
+                      num_classes=splits.num_classes, size=cfg.image_size, crop_fraction=crop_fraction,
+                      normalize=Normalize(splits.mean, splits.std, device), dist=dist, k=cfg.knn_k,
+                      temperature=cfg.knn_temperature, batch_size=cfg.eval_batch_size, autocast_dtype=autocast_dtype)
+
+
 def _build_schedule(cfg: Config, steps_per_epoch: int) -> Schedule:
     total_steps = cfg.epochs * steps_per_epoch
     rela_end_fixed = None if cfg.rela_phase == "adaptive" else max(1, round(float(cfg.rela_phase) * total_steps))
     return Schedule(total_steps=total_steps, warmup_steps=max(1, int(cfg.warmup_epochs * steps_per_epoch)),
-                    peak_lr=peak_learning_rate(cfg), base_momentum=cfg.base_momentum, rela_end_fixed=rela_end_fixed)
+                    peak_lr=peak_learning_rate(cfg), base_momentum=cfg.base_momentum, rela_end_fixed=rela_end_fixed,
+                    constant_lr=cfg.lr_schedule == "constant", constant_momentum=cfg.momentum_schedule == "constant")

@@ -73,6 +73,8 @@ def train(run: Run) -> bool:
                     _hand_over(run, ended_by="plateau" if run.schedule.rela_end_fixed is None else "fraction")
                 if epoch_over:
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                if _monitor_due(run, epoch_over):
+                    _monitor(run)
                 checkpointed = state.step % cfg.ckpt_every == 0 or epoch_over
                 if checkpointed:
                     save_checkpoint(run)
@@ -140,6 +142,22 @@ def _optimizer_step(run: Run, micro_batches: list[TrainBatch], epoch_over: bool,
         bar.update(0, loss=f"{record['loss']:.4f}", phase=state.phase, rho=f"{record['rho']:.4f}")
         window.reset()
     bar.update(1)
+
+
+def _monitor_due(run: Run, epoch_over: bool) -> bool:
+    every = run.cfg.monitor_every
+    return run.monitor is not None and (run.state.step % every == 0 if every else epoch_over)
+
+
+def _monitor(run: Run) -> None:
+    """The kNN monitor's row in metrics.jsonl, with the run's clock at this step with and without the
+    monitor's own time (time-to-accuracy is read off `training_clock_s`)."""
+    state = run.state
+    start = time.time()
+    accuracy = run.monitor(run.learner.nets.backbone)
+    state.monitor_s += time.time() - start
+    run.log.metrics({"step": state.step, "epoch": state.epoch, "phase": state.phase, "monitor_knn_top1": accuracy,
+                     "wall_clock_s": run.elapsed_s(), "training_clock_s": run.training_clock_s()})
 
 
 def _rela_phase_over(run: Run) -> bool:

@@ -73,3 +73,11 @@ def decode_ids(views) -> "np.ndarray":
     threshold = (bands[:, :1] + bands[:, -1:]) / 2
     bits = bands[:, 1:-1] > threshold
     return (bits * (1 << np.arange(BANDS - 2))).sum(1)
+
+
+def training_rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's rows of training steps (not the kNN monitor's)."""
+    import json
+
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]

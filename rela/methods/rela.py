@@ -1,7 +1,7 @@
 """RELA: regress static targets from a frozen prior, and decide when to hand over to BYOL.
 
-The phase loss is the mean over the two views of 1 - cos(W h(view), y_i). W is a fixed random linear
-map by default (as in the reference code), trainable with --rela-train-map.
+The phase loss is the mean over the two views of 1 - cos(W h(view), y_i). W is a fixed random map (as
+in the reference code; linear here, affine with --rela-map-bias as there), trainable with --rela-train-map.
 """
 from __future__ import annotations
 
@@ -14,18 +14,23 @@ from rela.ops import rela_loss
 
 
 class RelaMap(nn.Module):
-    """W: backbone features -> target width. Random and frozen unless trainable."""
+    """W: backbone features -> target width. Random and frozen unless trainable; affine with `bias` (the
+    reference's nn.Linear, whose initialisation it shares: uniform in +-1/sqrt(feature_dim))."""
 
-    def __init__(self, feature_dim: int, target_dim: int, trainable: bool, seed: int):
+    def __init__(self, feature_dim: int, target_dim: int, trainable: bool, seed: int, bias: bool = False):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
-        weight = torch.empty(target_dim, feature_dim)
         bound = 1.0 / feature_dim ** 0.5
-        weight.uniform_(-bound, bound, generator=generator)
+        weight = torch.empty(target_dim, feature_dim).uniform_(-bound, bound, generator=generator)
         self.weight = nn.Parameter(weight, requires_grad=trainable)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(target_dim).uniform_(-bound, bound, generator=generator),
+                                     requires_grad=trainable)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features @ self.weight.T.to(features.dtype)
+        mapped = features @ self.weight.T.to(features.dtype)
+        return mapped if self.bias is None else mapped + self.bias.to(features.dtype)
 
 
 def rela_step(backbone: nn.Module, rela_map: RelaMap, view1: torch.Tensor, view2: torch.Tensor,

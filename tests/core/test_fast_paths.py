@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from builders import FAST_ARGS
+from builders import FAST_ARGS, training_rows
 from rela.train import main
 
 
@@ -15,7 +15,7 @@ def test_bf16_channels_last_and_fused_ops_train_through_the_hand_over(tmp_path):
                  "--prior", "rand", "--budget", "0.1", "--rela-phase", "0.5", "--log-every", "1",
                  "--out", str(out), "--bank-dir", str(tmp_path / "banks")]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = training_rows(out)
     assert {r["step_fn"] for r in rows} == {"rela_step", "byol_step"}
     assert all(math.isfinite(r["loss"]) for r in rows)
     # the fused losses' values: 1 - cos is in [0, 2] per view; BYOL's symmetric loss is twice that

@@ -6,12 +6,8 @@ import json
 
 import pytest
 
-from builders import FAST_ARGS
+from builders import FAST_ARGS, training_rows
 from rela.train import main
-
-
-def rows_of(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("loader", ["torch", "dali"])
@@ -24,7 +20,7 @@ def test_step_function_and_views_switch_at_the_hand_over_step(tmp_path, loader):
     end = summary["rela_phase_end_step"]
     assert summary["rela_phase_ended_by"] == "fraction"
     assert end == round(0.4 * summary["train_steps"])
-    rows = rows_of(out)
+    rows = training_rows(out)
     assert [r["step"] for r in rows] == list(range(1, summary["train_steps"] + 1))  # one row per step
     for row in rows:
         expected = ("rela_step", "rela") if row["step"] <= end else ("byol_step", "byol")

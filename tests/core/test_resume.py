@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from builders import FAST_ARGS
+from builders import FAST_ARGS, training_rows
 from rela.train import main
 from rela.utils.checkpoint import latest_checkpoint
 
@@ -93,8 +93,7 @@ def test_resume_with_gradient_accumulation_gives_same_weights(tmp_path):
     split = torch.load(tmp_path / "split" / "backbone.pt")["state_dict"]
     for name in whole:
         assert torch.equal(whole[name], split[name]), name
-    rows = [json.loads(l) for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows]
+    steps = [r["step"] for r in training_rows(tmp_path / "split")]
     assert steps == sorted(set(steps)), "a resumed run must not leave duplicate metric rows"
 
 
@@ -124,7 +123,7 @@ def test_resume_after_the_hand_over_keeps_byol_and_its_views(tmp_path):
     assert saved["train_state"]["phase"] == "byol" and saved["loader"][0]["view_mode"] == "byol"
     assert main([*args, "--out", str(tmp_path / "split"), "--resume", "auto"]) == 0
     assert_same_weights(tmp_path / "whole", tmp_path / "split")
-    after = [r for r in metric_rows(tmp_path / "split") if r["step"] > 17]
+    after = [r for r in training_rows(tmp_path / "split") if r["step"] > 17]
     assert after and all((r["step_fn"], r["views"]) == ("byol_step", "byol") for r in after)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from builders import FAST_ARGS, write_imagefolder
+from builders import FAST_ARGS, training_rows, write_imagefolder
 from rela.train import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ def test_default_command_finishes_above_chance(tmp_path):
     assert "linear_probe_top1=" in result.stdout
     config = json.loads((run_dir / "config.json").read_text())
     assert config["dataset"] == "digits" and config["prior"] == "rand"
-    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = training_rows(run_dir)
     assert {"loss", "phase", "rho", "lr", "momentum", "images_per_s", "data_wait_fraction"} <= set(records[0])
 
 
@@ -83,7 +83,7 @@ def test_adaptive_rule_hands_over_one_step_after_the_plateau(tmp_path):
     end = summary["rela_phase_end_step"]
     assert 0 < end < summary["train_steps"]
     assert end == summary["rela_plateau_step"] + 1
-    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = training_rows(tmp_path / "run")
     assert [r["step_fn"] for r in rows] == ["rela_step"] * end + ["byol_step"] * (len(rows) - end)
 
 

@@ -1,0 +1,59 @@
+"""--recipe reference: the reference code's choices, each also an option of its own, end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from builders import FAST_ARGS, training_rows
+from rela.config import parse_config
+from rela.eval.linear_probe import linear_probe_reference
+from rela.train import main
+from rela.utils.checkpoint import latest_checkpoint
+
+
+def test_reference_recipe_resolves_to_the_reference_choices_under_the_users_flags():
+    cfg = parse_config(["--recipe", "reference", "--dataset", "cifar10"])
+    assert (cfg.optimizer, cfg.weight_decay, cfg.lr_schedule, cfg.warmup_epochs) == ("adamw", 0.01, "constant", 0)
+    assert cfg.lr * cfg.batch_size / 256 == pytest.approx(1e-3)  # the reference's absolute learning rate
+    assert (cfg.momentum_schedule, cfg.base_momentum) == ("constant", 0.99)
+    assert (cfg.proj_hidden, cfg.proj_dim, cfg.rela_map_bias) == (0, 256, True)
+    assert (cfg.rela_views, cfg.probe_protocol) == ("reference", "reference")
+    assert cfg.byol_blur is False  # 32 px
+    assert parse_config(["--recipe", "reference", "--dataset", "imagefolder", "--image-size", "64"]).byol_blur
+    overridden = parse_config(["--recipe", "reference", "--dataset", "cifar10", "--weight-decay", "0.5",
+                               "--rela-views", "project"])
+    assert overridden.weight_decay == 0.5 and overridden.rela_views == "project"
+    project = parse_config(["--dataset", "cifar10"])
+    assert (project.lr_schedule, project.momentum_schedule, project.probe_protocol) == ("cosine", "cosine", "project")
+
+
+def test_reference_recipe_trains_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    assert main([*FAST_ARGS, "--device", "cpu", "--recipe", "reference", "--prior", "rand", "--budget", "0.2",
+                 "--epochs", "2", "--rela-phase", "0.5", "--log-every", "1", "--probe-epochs", "4",
+                 "--out", str(out), "--bank-dir", str(tmp_path / "banks")]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["probe_protocol"] == "reference" and summary["linear_probe_top1_std"] is not None
+    rows = training_rows(out)
+    assert all(r["lr"] == pytest.approx(1e-3) for r in rows) and {r["momentum"] for r in rows} == {0.99}
+    assert {r["step_fn"] for r in rows} == {"rela_step", "byol_step"}
+    learner = torch.load(latest_checkpoint(out), weights_only=False)["learner"]
+    feature_dim = learner["nets.projector.0.weight"].shape[1]
+    assert learner["nets.projector.0.weight"].shape[0] == 2 * feature_dim  # d-2d-256 heads
+    assert learner["nets.predictor.0.weight"].shape == (2 * feature_dim, 256)
+    assert "rela_map.bias" in learner  # affine W
+
+
+def test_reference_probe_protocol_reports_the_last_three_epochs():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 4
+    labels = torch.arange(400) % 4
+    x = centres[labels] + torch.randn(400, 16, generator=g)
+    mean, std = linear_probe_reference(x[:300], labels[:300], x[300:], labels[300:], 4, epochs=300, seed=0)
+    assert mean > 0.95 and 0 <= std < 0.05
+    assert (mean, std) == linear_probe_reference(x[:300], labels[:300], x[300:], labels[300:], 4, epochs=300, seed=0)
+    early, _ = linear_probe_reference(x[:300], labels[:300], x[300:], labels[300:], 4, epochs=3, seed=0,
+                                      lr=1e-6)
+    assert early < 0.9  # it learns over epochs: the last three are not the first
