@@ -6,6 +6,7 @@ schedules, phase controller), `train` (below: the RELA phase, the hand-over, BYO
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from contextlib import contextmanager
@@ -52,6 +53,17 @@ def run(cfg: Config) -> dict | None:
         return write_summary(r, evaluate(r)) if finished else None
     finally:
         dist_utils.shutdown()
+
+
+def evaluate_untrained(cfg: Config) -> dict:
+    """The baseline a learning claim is measured against: this run's backbone at its initialisation (the
+    same architecture and seed, so the same weights its training would start from), evaluated as a
+    trained run is. No bank, no training step, nothing written."""
+    cfg = dataclasses.replace(cfg, prior="none", monitor=False, progress=False)
+    torch.manual_seed(cfg.seed)
+    untrained = build_run(cfg, dist_utils.DistInfo(), pick_device(cfg.device), run_dir=None,
+                          log=RunLog(None, enabled=False))
+    return evaluate(untrained)
 
 
 def train(run: Run) -> bool:
