@@ -18,10 +18,10 @@ def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
 @dataclass
 class Config:
     # What to train on
-    dataset: str = opt("digits", "dataset", ("digits", "cifar10", "cifar100", "imagefolder"))
+    dataset: str = opt("digits", "dataset", ("digits", "mnist5k", "cifar10", "cifar100", "imagefolder"))
     data: str | None = opt(None, "data folder (CIFAR batches, or an ImageFolder tree with optional train/ and val/)")
     preset: str | None = opt(None, "option preset (defaults to the dataset's; 'imagenet' for ImageNet-1K scale)",
-                             ("digits", "cifar10", "cifar100", "imagefolder", "imagenet"))
+                             ("digits", "mnist5k", "cifar10", "cifar100", "imagefolder", "imagenet"))
     recipe: str = opt("project", "'reference' takes every choice of the reference code (LINs-lab/ReLA) that the "
                                  "options below can express; each is also an option of its own (README: Differences "
                                  "from the reference code)", ("project", "reference"))
@@ -105,6 +105,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                    weight_decay=1e-4, warmup_epochs=2, base_momentum=0.99, proj_hidden=512, proj_dim=128,
                    budget=0.2, workers=0, bank_batch_size=256, knn_k=20, probe_epochs=100, log_every=10,
                    ckpt_every=200),
+    "mnist5k": dict(arch="small_resnet", image_size=16, epochs=20, batch_size=32, optimizer="adamw", lr=4e-3,
+                    weight_decay=1e-4, warmup_epochs=2, base_momentum=0.99, proj_hidden=512, proj_dim=128,
+                    budget=0.2, workers=0, bank_batch_size=256, knn_k=20, probe_epochs=100, log_every=10,
+                    ckpt_every=200),
     "cifar10": dict(arch="resnet18_cifar", image_size=32, epochs=200, batch_size=256, optimizer="adamw",
                     lr=1e-3, weight_decay=1e-4, warmup_epochs=10, base_momentum=0.99, proj_hidden=2048,
                     proj_dim=256, workers=0, knn_k=200),

@@ -1,4 +1,4 @@
-"""Training and validation images: in-memory arrays (digits, CIFAR) and files (ImageFolder trees).
+"""Training and validation images: in-memory arrays (digits, MNIST-5k, CIFAR) and files (ImageFolder trees).
 
 Every dataset answers `len()`, `labels` (int64, one per image), `fingerprint()` (what the target bank
 is keyed by) and `read(i)` (one image as uint8 HWC RGB). Images are decoded by the loaders, never here
@@ -120,12 +120,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("digits", "mnist5k", "cifar10", "cifar100", "imagefolder")
 
 
 def load_dataset(name: str, path: str | None, *, split_seed: int = 0, val_fraction: float = 0.2) -> DatasetSplits:
     if name == "digits":
         return _load_digits(split_seed, val_fraction)
+    if name == "mnist5k":
+        from rela.data.mnist5k import load_mnist5k  # imports this module's ArrayImages
+
+        return load_mnist5k(split_seed, val_fraction)
     if name in ("cifar10", "cifar100"):
         return _load_cifar(name, _existing_folder(path, name), split_seed, val_fraction)
     if name == "imagefolder":
