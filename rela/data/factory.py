@@ -25,20 +25,25 @@ class Loaders:
 def create_loaders(cfg: Config, splits: DatasetSplits, sampler: BudgetSampler, normalize: Normalize,
                    device: torch.device, seed: int) -> Loaders:
     """The loader `cfg.loader` asks for (see choose_loader), over the training split."""
-    use_dali = choose_loader(cfg, device)
+    use_dali = choose_loader(cfg, device, splits.train)
     source = build_image_source(cfg, splits.train, device, use_dali)
     loader = build_train_loader(cfg, splits, source, sampler, normalize, seed, use_dali)
     return Loaders(use_dali, source, loader)
 
 
-def choose_loader(cfg: Config, device: torch.device) -> bool:
-    """True for DALI. auto: DALI where it is installed and a GPU is present."""
+def choose_loader(cfg: Config, device: torch.device, dataset: ArrayImages | FileImages | None = None) -> bool:
+    """True for DALI. auto: DALI where it is installed, the run is on a GPU and the dataset is image files:
+    DALI's gain is decoding JPEGs on the GPU (nvJPEG); an in-memory dataset (digits, CIFAR) already lives
+    on the device whole, where the torch loader's views are one batched pass. `dataset` None (not known):
+    auto decides on the device alone."""
     if cfg.loader == "torch" or (cfg.loader == "auto" and device.type != "cuda"):
         return False
     if cfg.loader == "dali":
         if not dali_available():
             raise RelaError("--loader dali: NVIDIA DALI is not installed (pip install '.[dali]')")
         return True
+    if dataset is not None and not isinstance(dataset, FileImages):
+        return False
     return dali_available()
 
 

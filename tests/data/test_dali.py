@@ -468,7 +468,8 @@ def test_skip_corrupt_drops_and_counts_bad_files(tmp_path):
 
 # ---- End to end ------------------------------------------------------------------------------------
 
-def test_training_run_with_dali_loader_finishes(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_training_run_with_dali_loader_finishes(tmp_path, device):
     rng = np.random.default_rng(9)
     root = tmp_path / "tree"
     images = [_smooth_image(rng, int(rng.integers(40, 91)), int(rng.integers(50, 121))) for _ in range(30)]
@@ -478,7 +479,8 @@ def test_training_run_with_dali_loader_finishes(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "rela.train", "--dataset", "imagefolder", "--data", str(root), "--loader", "dali",
          "--arch", "small_resnet", "--epochs", "1", "--batch-size", "8", "--image-size", "32", "--out", str(out),
-         "--bank-dir", str(tmp_path / "banks"), "--probe-epochs", "5", "--workers", "2", "--no-progress"],
+         "--bank-dir", str(tmp_path / "banks"), "--probe-epochs", "5", "--workers", "2", "--no-progress",
+         "--device", device],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "loader dali" in result.stdout + result.stderr

@@ -18,10 +18,14 @@ steps and takes them back in order.
 - Bad files get the torch loader's handling. The host reads each file and its header (PIL, no decode):
   the header gives the size the crop window is drawn on, and a file without a readable header, or in a
   format DALI does not decode (GIF), is corrupt. A file that passes but fails in DALI's decoder fails
-  its step; the host then finds the file (PIL decode, else DALI one file at a time), rebuilds the
-  pipeline (DALI drops a pipeline after an error) and feeds the step again without it. Either way a
-  CorruptImageError names the file, or with skip_corrupt the sample is dropped and its index added to
-  `skipped`. PNG, BMP, TIFF, WebP and PNM files decode (on the CPU, also under `mixed`).
+  its step; the host then finds the file (PIL decode, else DALI one file at a time with the same
+  decoder: nvJPEG on the same GPU for a GPU pipeline, since a file can decode on the CPU and not there),
+  rebuilds the pipeline (DALI drops a pipeline after an error) and feeds the step again without it.
+  Either way a CorruptImageError names the file, or with skip_corrupt the sample is dropped and its index
+  added to `skipped`. PNG, BMP, TIFF, WebP and PNM files decode (on the CPU, also under `mixed`).
+- A batch whose files were all skipped still makes a step, as in the torch loader: black images under
+  the batch's indices (`HostReader.placeholder`). Every rank then runs the same number of steps, so a
+  collective of the training step (DDP's all-reduce, NCCL) never waits for a rank that has none.
 
 Nothing here imports DALI at module level: rela.data.dali imports without it.
 """
@@ -65,8 +69,10 @@ class HostReader:
     """Reads index batches for the pipelines: file bytes and header sizes (files, on a thread pool:
     file reads release the GIL) or array slices. Applies the corrupt-file policy."""
 
-    def __init__(self, dataset: ArrayImages | FileImages, *, skip_corrupt: bool, num_threads: int):
+    def __init__(self, dataset: ArrayImages | FileImages, *, skip_corrupt: bool, num_threads: int,
+                 device_id: int | None = None):
         self.dataset, self.skip_corrupt = dataset, skip_corrupt
+        self.device_id = device_id  # the pipelines' GPU (None: CPU), where a failed decode is diagnosed
         self.files = isinstance(dataset, FileImages)
         self.skipped: set[int] = set()
         self._pool = ThreadPoolExecutor(max(1, min(4, num_threads)), thread_name_prefix="rela-dali-read") \
@@ -97,6 +103,16 @@ class HostReader:
                 ok[k] = False
         return HostBatch(index, position, data, sizes).keep(ok)
 
+    def placeholder(self, indices: np.ndarray) -> HostBatch:
+        """Black images under `indices`: what a batch whose samples were all skipped feeds instead."""
+        index = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if not self.files:
+            return HostBatch(index, np.arange(len(index)), np.zeros_like(self.dataset.images[index]),
+                             np.tile(np.array(self.dataset.images.shape[1:3], dtype=np.int64), (len(index), 1)))
+        black = _black_png()
+        return HostBatch(index, np.arange(len(index)), [black] * len(index),
+                         np.tile(np.array(_PLACEHOLDER_SIZE, dtype=np.int64), (len(index), 1)))
+
     def _read_file(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
         from PIL import Image
 
@@ -123,8 +139,8 @@ class HostReader:
                 decode_image(self.dataset.path(i))
             except CorruptImageError as err:
                 bad[k], first = True, first or err
-        if not bad.any():  # PIL reads them all: ask DALI itself, one file at a time
-            bad = ~_dali_decodes(batch.data)
+        if not bad.any():  # PIL reads them all: ask DALI's decoder itself (on the GPU: nvJPEG), one at a time
+            bad = ~_dali_decodes(batch.data, self.device_id)
             if bad.any():
                 first = CorruptImageError(self.dataset.path(int(batch.index[bad.argmax()])),
                                           f"DALI's decoder fails on it ({_first_line(error)}); --loader torch reads it")
@@ -136,11 +152,25 @@ class HostReader:
         return batch.keep(~bad)
 
 
-def _dali_decodes(encoded: list[np.ndarray]) -> np.ndarray:
+_PLACEHOLDER_SIZE = (32, 32)  # (height, width); any size: every graph resizes
+
+
+def _black_png() -> np.ndarray:
+    """A black RGB PNG (lossless: decodes to zeros exactly, on the CPU and under `mixed`)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", _PLACEHOLDER_SIZE[::-1]).save(buffer, format="PNG")
+    return np.frombuffer(buffer.getvalue(), dtype=np.uint8).copy()
+
+
+def _dali_decodes(encoded: list[np.ndarray], device_id: int | None = None) -> np.ndarray:
+    """Which files DALI's decoder reads, one file per run: the CPU decoder, or with a `device_id` the
+    GPU pipelines' own (`mixed`: nvJPEG, the hardware decoder) on that GPU."""
     from rela.data.dali.pipelines import ENCODED, decode_pipeline
 
     def fresh():
-        pipe = decode_pipeline(num_threads=1)
+        pipe = decode_pipeline(num_threads=1, device_id=device_id)
         pipe.build()
         return pipe
 
@@ -284,7 +314,8 @@ class FedPipeline:
                  num_threads: int, skip_corrupt: bool, prefetch: int):
         from rela.data.dali.pipelines import ARRAYS, ENCODED
 
-        self.reader = HostReader(dataset, skip_corrupt=skip_corrupt, num_threads=num_threads)
+        self.reader = HostReader(dataset, skip_corrupt=skip_corrupt, num_threads=num_threads,
+                                 device_id=_device_id(device))
         self.data_name = ENCODED if self.reader.files else ARRAYS
         self.device, self.prefetch = device, max(1, prefetch)
         self._graph, self._num_threads = graph, num_threads
@@ -345,7 +376,8 @@ class FedPipeline:
               key: Callable[[], object] = lambda: None) -> Iterator[tuple[Step, list[torch.Tensor]]]:
         """Feeds `batches` in order, keeping up to `prefetch` steps in flight; yields each step with its
         outputs. Steps fed under another `key()` than the current one are fed again before any is yielded.
-        Steps whose samples were all skipped as corrupt yield nothing."""
+        A batch whose samples were all skipped as corrupt is fed as `reader.placeholder` (black images):
+        every batch makes a step."""
         token = self.begin(max((len(b) for b in batches), default=1))
         reads: dict[int, Future] = {}
         next_feed = taken = 0
@@ -361,11 +393,10 @@ class FedPipeline:
                     reads[ahead] = self.reader.submit(batches[ahead])
             while len(self.in_flight) < self.prefetch and next_feed < len(batches):
                 host = (reads.pop(next_feed, None) or self.reader.submit(batches[next_feed])).result()
-                if len(host):
-                    self.feed(inputs_for(host, next_feed), Step(next_feed, key(), host))
+                if not len(host):
+                    host = self.reader.placeholder(batches[next_feed])
+                self.feed(inputs_for(host, next_feed), Step(next_feed, key(), host))
                 next_feed += 1
-            if not self.in_flight:  # every remaining batch was skipped
-                return
             try:
                 step, outputs = self.take()
             except _StepFailed as failed:
