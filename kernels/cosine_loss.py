@@ -147,7 +147,8 @@ _eps: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
 _num_sms: dict[torch.device, int] = {}
 
 
-def _counter(device: torch.device) -> torch.Tensor:
+def ticket_counter(device: torch.device) -> torch.Tensor:
+    """The forward kernel's ticket counter for `device` and its current stream: (1,) int32, zero between launches."""
     key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
     counter = _counters.get(key)
     if counter is None:
@@ -155,11 +156,16 @@ def _counter(device: torch.device) -> torch.Tensor:
     return counter
 
 
-def _eps_tensor(device: torch.device, dtype: torch.dtype, eps: float) -> torch.Tensor:
+def eps_tensor(device: torch.device, dtype: torch.dtype, eps: float) -> torch.Tensor:
+    """eps as a 0-dim tensor of the accumulation dtype, made once per (device, dtype, eps)."""
     key = (device, dtype, eps)
     if key not in _eps:
         _eps[key] = torch.full((), eps, dtype=dtype, device=device)
     return _eps[key]
+
+
+def _direct(kernel):
+    return kernel
 
 
 def _max_programs(device: torch.device) -> int:
@@ -193,16 +199,21 @@ def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def cosine_loss_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]], eps: float):
+def cosine_loss_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]], eps: torch.Tensor, counter: torch.Tensor,
+                        wrap=_direct):
     """Launches the forward kernel over 1 or 2 pairs of (B, D) tensors (any strides, dtypes).
 
-    Returns (loss, stats): loss a 0-dim float32 tensor (float64 if any input is float64), stats a
-    (B, 2 * len(pairs)) tensor of the same dtype for `cosine_loss_backward`.
+    eps: 0-dim tensor of the accumulation dtype (`eps_tensor`); counter: (1,) int32, zero before the
+    launch and after it (`ticket_counter`, or a fresh zero). wrap: applied to the jitted kernel before
+    the launch (torch.library.wrap_triton inside a custom op). Returns (loss, stats): loss a 0-dim
+    float32 tensor (float64 if any input is float64), stats a (B, 2 * len(pairs)) tensor of the same
+    dtype for `cosine_loss_backward`.
     """
     num_pairs = len(pairs)
     a0, b0 = pairs[0]
     a1, b1 = pairs[-1]
-    B, D = a0.shape
+    # Block sizes are compile-time constants: under torch.compile with dynamic shapes int() specialises on them.
+    B, D = int(a0.shape[0]), int(a0.shape[1])
     device = a0.device
     acc = _acc_dtype(*(t for pair in pairs for t in pair))
     block_b, block_d, num_warps = _blocks(B, D, num_pairs)
@@ -210,9 +221,9 @@ def cosine_loss_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]], eps: flo
     stats = torch.empty((B, 2 * num_pairs), dtype=acc, device=device)
     partial = torch.empty(grid, dtype=acc, device=device)
     loss = torch.empty((), dtype=acc, device=device)
-    cosine_loss_fwd_kernel[(grid,)](
+    wrap(cosine_loss_fwd_kernel)[(grid,)](
         a0, b0, a1, b1, *a0.stride(), *b0.stride(), *a1.stride(), *b1.stride(),
-        stats, partial, _counter(device), loss, B, D, _eps_tensor(device, acc, eps),
+        stats, partial, counter, loss, B, D, eps,
         NUM_PAIRS=num_pairs, BLOCK_B=block_b, BLOCK_D=block_d,
         BLOCK_P=min(_pow2(grid), 1024),
         ACC=tl.float64 if acc == torch.float64 else tl.float32, FP64=acc == torch.float64,
@@ -222,19 +233,20 @@ def cosine_loss_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]], eps: flo
 
 
 def cosine_loss_backward(pairs: list[tuple[torch.Tensor, torch.Tensor]], stats: torch.Tensor,
-                         grad_loss: torch.Tensor) -> list[torch.Tensor]:
+                         grad_loss: torch.Tensor, wrap=_direct) -> list[torch.Tensor]:
     """Gradients of the loss w.r.t. each pair's `a`: contiguous (B, D) tensors in a's dtype.
 
-    `grad_loss` is the 0-dim upstream gradient, read on the device (no host sync).
+    `grad_loss` is the 0-dim upstream gradient, read on the device (no host sync). wrap: as for
+    `cosine_loss_forward`.
     """
     num_pairs = len(pairs)
     a0, b0 = pairs[0]
     a1, b1 = pairs[-1]
-    B, D = a0.shape
+    B, D = int(a0.shape[0]), int(a0.shape[1])
     grads = [torch.empty((B, D), dtype=a.dtype, device=a.device) for a, _ in pairs]
     block_b, block_d, num_warps = _blocks(B, D, num_pairs)
     grid = (_cdiv(B, block_b), _cdiv(D, block_d))
-    cosine_loss_bwd_kernel[grid](
+    wrap(cosine_loss_bwd_kernel)[grid](
         a0, b0, a1, b1, *a0.stride(), *b0.stride(), *a1.stride(), *b1.stride(),
         grads[0], grads[-1], stats, grad_loss, B, D,
         NUM_PAIRS=num_pairs, BLOCK_B=block_b, BLOCK_D=block_d,

@@ -56,26 +56,31 @@ def ema_kernel(
         tl.store(target_words_ptr + offs, tl.load(online_words_ptr + offs, mask=mask), mask=mask)
 
 
+def _direct(kernel):
+    return kernel
+
+
 def ema_launch(target: torch.Tensor, online: torch.Tensor, target_words: torch.Tensor,
-               online_words: torch.Tensor, momentum: float | torch.Tensor) -> None:
+               online_words: torch.Tensor, momentum: float | torch.Tensor, wrap=_direct) -> None:
     """target <- lerp(target, online, 1 - momentum); target_words <- online_words. One launch.
 
     target, online: 1-D, same length and floating dtype. *_words: 1-D int64, same length (may be
     empty). momentum: a Python float or a 0-dim tensor on the same device, read in the kernel.
+    wrap: applied to the jitted kernel before the launch (torch.library.wrap_triton in a custom op).
     """
     acc = tl.float64 if target.dtype == torch.float64 else tl.float32
     if acc == tl.float64 and not isinstance(momentum, torch.Tensor):
         # Triton passes Python floats as float32; torch lerps float64 with the float64 weight.
         momentum = torch.tensor(momentum, dtype=torch.float64, device=target.device)
     from_ptr = isinstance(momentum, torch.Tensor)
-    num_params, num_words = target.numel(), target_words.numel()
+    num_params, num_words = int(target.numel()), int(target_words.numel())
     param_blocks = -(-num_params // BLOCK)
     grid = (param_blocks - (-num_words // BLOCK),)
     if grid[0] == 0:
         return
     # Pointers must be real even when there is nothing behind them; the kernel never reads them then.
     words_t, words_o = (target_words, online_words) if num_words else (target, online)
-    ema_kernel[grid](
+    wrap(ema_kernel)[grid](
         target, online, num_params, param_blocks, words_t, words_o, num_words,
         momentum if from_ptr else target, 0.0 if from_ptr else 1.0 - momentum,
         MOMENTUM_FROM_PTR=from_ptr, EMULATE_FMA=INTERPRETED and acc == tl.float32, ACC=acc,

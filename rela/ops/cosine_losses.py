@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+from torch.library import triton_op, wrap_triton
 
-from rela.ops._dispatch import use_kernels
+from rela.ops._dispatch import HAVE_TRITON, INTERPRETED, use_kernels
 
-try:
-    from rela.kernels.cosine_loss import cosine_loss_backward, cosine_loss_forward
-except ImportError:  # no Triton: use_kernels() then never picks the Functions below
-    cosine_loss_forward = cosine_loss_backward = None
+if HAVE_TRITON:
+    from rela.kernels.cosine_loss import cosine_loss_backward, cosine_loss_forward, eps_tensor, ticket_counter
 
 EPS = 1e-8  # torch.nn.functional.cosine_similarity's default; the kernels take it as an argument
 
@@ -63,39 +61,77 @@ def rela_loss_reference(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return _neg_cos_mean(y_hat, y, _acc(y_hat, y))
 
 
-class ByolLossFunction(torch.autograd.Function):
-    """Fused BYOL loss: one forward kernel, one backward kernel. Gradients for p1, p2; None for z1, z2."""
-
-    @staticmethod
-    def forward(ctx, p1, p2, z1, z2):
-        pairs = [(p1, z2), (p2, z1)]
-        loss, stats = cosine_loss_forward(pairs, EPS)
-        ctx.save_for_backward(p1, p2, z1, z2, stats)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        p1, p2, z1, z2, stats = ctx.saved_tensors
-        grad_p1, grad_p2 = cosine_loss_backward([(p1, z2), (p2, z1)], stats, grad_loss)
-        return grad_p1, grad_p2, None, None
+# The kernels as torch custom ops (torch.library.triton_op): torch.compile traces through them into the
+# kernels (no graph break), and each op's function doubles as its fake (meta) implementation. Under
+# Triton's interpreter wrap_triton hands back the plain interpreted kernel, so the kernels are launched as
+# they are there (and the fake implementations cannot run: they would launch the interpreter on fake tensors).
+_wrap = (lambda kernel: kernel) if INTERPRETED else wrap_triton
 
 
-class RelaLossFunction(torch.autograd.Function):
-    """Fused RELA loss: one forward kernel, one backward kernel. Gradient for y_hat; None for y."""
+# The ticket counter is written by the forward kernel but left as it was found (zero): to torch the ops are
+# functional, which register_autograd requires.
+@triton_op("rela::byol_loss_fwd", mutates_args=())
+def _byol_loss_fwd(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, counter: torch.Tensor,
+                   eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, stats): stats (B, 4) per-row (r, s) of both pairs for the backward. counter: (1,) int32, zero."""
+    return tuple(cosine_loss_forward([(p1, z2), (p2, z1)], eps, counter, _wrap))
 
-    @staticmethod
-    def forward(ctx, y_hat, y):
-        loss, stats = cosine_loss_forward([(y_hat, y)], EPS)
-        ctx.save_for_backward(y_hat, y, stats)
-        return loss
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        y_hat, y, stats = ctx.saved_tensors
-        (grad_y_hat,) = cosine_loss_backward([(y_hat, y)], stats, grad_loss)
-        return grad_y_hat, None
+@triton_op("rela::byol_loss_bwd", mutates_args=())
+def _byol_loss_bwd(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, stats: torch.Tensor,
+                   grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(cosine_loss_backward([(p1, z2), (p2, z1)], stats, grad_loss, _wrap))
+
+
+@triton_op("rela::rela_loss_fwd", mutates_args=())
+def _rela_loss_fwd(y_hat: torch.Tensor, y: torch.Tensor, counter: torch.Tensor,
+                   eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, stats): stats (B, 2) per-row (r, s) for the backward. counter: (1,) int32, zero."""
+    return tuple(cosine_loss_forward([(y_hat, y)], eps, counter, _wrap))
+
+
+@triton_op("rela::rela_loss_bwd", mutates_args=())
+def _rela_loss_bwd(y_hat: torch.Tensor, y: torch.Tensor, stats: torch.Tensor,
+                   grad_loss: torch.Tensor) -> torch.Tensor:
+    return cosine_loss_backward([(y_hat, y)], stats, grad_loss, _wrap)[0]
+
+
+def _save_inputs_and_stats(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:-2], output[1])
+
+
+def _byol_backward(ctx, grad_loss, grad_stats):
+    p1, p2, z1, z2, stats = ctx.saved_tensors
+    grad_p1, grad_p2 = torch.ops.rela.byol_loss_bwd(p1, p2, z1, z2, stats, grad_loss)
+    return grad_p1, grad_p2, None, None, None, None
+
+
+def _rela_backward(ctx, grad_loss, grad_stats):
+    y_hat, y, stats = ctx.saved_tensors
+    return torch.ops.rela.rela_loss_bwd(y_hat, y, stats, grad_loss), None, None, None
+
+
+_byol_loss_fwd.register_autograd(_byol_backward, setup_context=_save_inputs_and_stats)
+_rela_loss_fwd.register_autograd(_rela_backward, setup_context=_save_inputs_and_stats)
+
+
+def _counter_and_eps(*tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    device, acc = tensors[0].device, _acc(*tensors)
+    if torch.compiler.is_compiling():
+        # Fresh tensors in the traced graph (the compiler folds them in); eager runs reuse cached
+        # ones and so launch no memset per call.
+        return torch.zeros(1, dtype=torch.int32, device=device), torch.full((), EPS, dtype=acc, device=device)
+    return ticket_counter(device), eps_tensor(device, acc, EPS)
+
+
+def byol_loss_fused(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """`byol_loss` on the kernels (the custom ops rela::byol_loss_fwd/_bwd), no checks: gradients for p1, p2."""
+    return torch.ops.rela.byol_loss_fwd(p1, p2, z1, z2, *_counter_and_eps(p1, p2, z1, z2))[0]
+
+
+def rela_loss_fused(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`rela_loss` on the kernels (the custom ops rela::rela_loss_fwd/_bwd), no checks: gradient for y_hat."""
+    return torch.ops.rela.rela_loss_fwd(y_hat, y, *_counter_and_eps(y_hat, y))[0]
 
 
 def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, *,
@@ -111,7 +147,7 @@ def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Te
     """
     _check_rows(("p1", "p2", "z1", "z2"), (p1, p2, z1, z2))
     if use_kernels(fused, p1.device):
-        return ByolLossFunction.apply(p1, p2, z1, z2)
+        return byol_loss_fused(p1, p2, z1, z2)
     return byol_loss_reference(p1, p2, z1, z2)
 
 
@@ -124,5 +160,5 @@ def rela_loss(y_hat: torch.Tensor, y: torch.Tensor, *, fused: bool | None = None
     """
     _check_rows(("y_hat", "y"), (y_hat, y))
     if use_kernels(fused, y_hat.device):
-        return RelaLossFunction.apply(y_hat, y)
+        return rela_loss_fused(y_hat, y)
     return rela_loss_reference(y_hat, y)

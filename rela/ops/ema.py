@@ -34,12 +34,32 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rela.ops._dispatch import use_kernels
+from torch.library import triton_op, wrap_triton
+
+from rela.ops._dispatch import INTERPRETED, use_kernels
 
 try:
     from rela.kernels.ema import PAD, ema_launch
 except ImportError:  # no Triton: use_kernels() then never picks the fused path
     PAD, ema_launch = 1, None
+
+# As in cosine_losses: under the interpreter wrap_triton hands back the plain kernel, launched as it is.
+_wrap = (lambda kernel: kernel) if INTERPRETED else wrap_triton
+
+
+@triton_op("rela::ema_lerp_copy", mutates_args={"target", "target_words"})
+def _ema_lerp_copy(target: torch.Tensor, online: torch.Tensor, target_words: torch.Tensor,
+                   online_words: torch.Tensor, momentum: torch.Tensor | None, momentum_value: float) -> None:
+    """The fused step as a torch custom op (torch.compile traces into its one kernel): target <- lerp(target,
+    online, 1 - m), target_words <- online_words; m is `momentum` (0-dim, read on the device) when given,
+    else `momentum_value`."""
+    ema_launch(target, online, target_words, online_words, momentum_value if momentum is None else momentum, _wrap)
+
+
+def _ema_launch_op(target_flat: FlatModule, online_flat: FlatModule, momentum: float | torch.Tensor) -> None:
+    tensor = momentum if isinstance(momentum, torch.Tensor) else None
+    torch.ops.rela.ema_lerp_copy(target_flat.params, online_flat.params, target_flat.words, online_flat.words,
+                                 tensor, 0.0 if tensor is not None else float(momentum))
 
 # (name, shape, dtype) of every parameter, then of every buffer, in named_parameters()/named_buffers() order.
 _Structure = tuple[tuple[tuple[str, torch.Size, torch.dtype], ...], tuple[tuple[str, torch.Size, torch.dtype], ...]]
@@ -245,8 +265,7 @@ class EmaPair:
                                "(.to(), .cuda(), .half()?): call prepare_ema_ again")
         momentum = _momentum_on(self.device, momentum)
         if self.fused:
-            ema_launch(self.target_flat.params, self.online_flat.params, self.target_flat.words,
-                       self.online_flat.words, momentum)
+            _ema_launch_op(self.target_flat, self.online_flat, momentum)
         else:
             _lerp_and_copy_(self._target_tensors, self._online_tensors, momentum)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rela.ops import (ByolLossFunction, RelaLossFunction, byol_loss, byol_loss_reference, rela_loss,
+from rela.ops import (byol_loss, byol_loss_fused, byol_loss_reference, rela_loss, rela_loss_fused,
                       rela_loss_reference)
 from rela.ops.cosine_losses import EPS
 
@@ -96,7 +96,7 @@ def test_byol_function_passes_gradcheck_in_float64(B, D, launches):
     p1, p2, z1, z2 = (torch.randn(B, D, generator=generator, dtype=torch.float64) for _ in range(4))
     p1.requires_grad_()
     p2.requires_grad_()
-    assert torch.autograd.gradcheck(ByolLossFunction.apply, (p1, p2, z1, z2), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(byol_loss_fused, (p1, p2, z1, z2), eps=1e-6, atol=1e-7)
     assert "cosine_loss_bwd_kernel" in launches
 
 
@@ -107,8 +107,8 @@ def test_rela_function_passes_gradcheck_in_float64(B, D, launches):
     y = torch.randn(B, D, generator=generator, dtype=torch.float64)
     # Non-contiguous too: every other column of a wider tensor.
     y_wide = torch.randn(B, 2 * D, generator=generator, dtype=torch.float64)[:, ::2]
-    assert torch.autograd.gradcheck(RelaLossFunction.apply, (y_hat, y), eps=1e-6, atol=1e-7)
-    assert torch.autograd.gradcheck(RelaLossFunction.apply, (y_hat, y_wide), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(rela_loss_fused, (y_hat, y), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(rela_loss_fused, (y_hat, y_wide), eps=1e-6, atol=1e-7)
     assert "cosine_loss_bwd_kernel" in launches
 
 
