@@ -49,8 +49,9 @@ class Config:
     rela_views: str = opt("project", "RELA's views: 'project' (crop 0.25-1, flip, light jitter p=0.3) or "
                                      "'reference' (crop 0.5-1, flip, jitter 0.8/0.8/0.8/0.2 p=0.8, grayscale p=0.2)",
                           ("project", "reference"))
-    rela_crop_min_scale: float = opt(0.25, "smallest random-crop scale of RELA's views")
-    byol_crop_min_scale: float = opt(0.08, "smallest random-crop scale of BYOL's views")
+    rela_crop_min_scale: float | None = opt(None, "smallest random-crop scale of RELA's views (default: the "
+                                                  "views' own, 0.25 project, 0.5 reference)")
+    byol_crop_min_scale: float | None = opt(None, "smallest random-crop scale of BYOL's views (default 0.08)")
     byol_blur: bool = opt(True, "Gaussian blur in BYOL's views (the reference leaves it out on 32 px CIFAR)")
     bank_dir: str = opt(".rela_cache", "folder for target banks, keyed by dataset, prior and preprocessing")
     target_bank: str | None = opt(None, "use this target bank file (error if its key or shape does not match)")
@@ -213,7 +214,7 @@ def validate(cfg: Config) -> None:
     if not 0.0 < cfg.val_fraction < 1.0:
         raise RelaError(f"--val-fraction must be in (0, 1), got {cfg.val_fraction}")
     for name in ("rela_crop_min_scale", "byol_crop_min_scale"):
-        if not 0.0 < getattr(cfg, name) <= 1.0:
+        if getattr(cfg, name) is not None and not 0.0 < getattr(cfg, name) <= 1.0:
             raise RelaError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(cfg, name)}")
     if cfg.rela_averaging_scale <= 0 or cfg.rela_averaging_scale > 99:
         raise RelaError(f"--rela-averaging-scale must be in (0, 99], got {cfg.rela_averaging_scale}")

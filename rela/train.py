@@ -7,6 +7,7 @@ schedules, phase controller), `train` (below: the RELA phase, the hand-over, BYO
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -30,6 +31,10 @@ from rela.utils.progress import Progress, RunLog
 def run(cfg: Config) -> dict | None:
     """Trains, evaluates and writes the summary; None when stopped early as asked (--stop-after-steps)."""
     start_time = time.time()
+    if cfg.deterministic:
+        # cuBLAS reads this when it makes its first handle, and torch's deterministic mode raises on a CUDA
+        # matmul without it: set before any CUDA work (a value the user exported wins).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = pick_device(cfg.device)
     dist = dist_utils.init_distributed(device.type)
     if device.type == "cuda":

@@ -11,7 +11,7 @@ from rela.data.dali import DaliImageSource, DaliTrainLoader, dali_available
 from rela.data.datasets import ArrayImages, DatasetSplits, FileImages
 from rela.data.interfaces import ImageSource, TrainLoader
 from rela.data.loader import TorchImageSource, TorchTrainLoader, default_decode_size
-from rela.data.views import Normalize
+from rela.data.views import Normalize, view_modes
 from rela.errors import RelaError
 
 
@@ -57,11 +57,12 @@ def build_image_source(cfg: Config, dataset: ArrayImages | FileImages, device: t
 def build_train_loader(cfg: Config, splits: DatasetSplits, source: ImageSource, sampler: BudgetSampler,
                        normalize: Normalize, seed: int, use_dali: bool) -> TrainLoader:
     """The DALI loader reads `splits.train` itself; the torch loader reads through `source`."""
-    crop_min = {"byol": cfg.byol_crop_min_scale, "rela": cfg.rela_crop_min_scale}
+    crop_min = {"byol": cfg.byol_crop_min_scale, "rela": cfg.rela_crop_min_scale}  # None: the views' own
+    modes = view_modes(cfg.rela_views, cfg.byol_blur)
     decode_size = splits.native_size or default_decode_size(cfg.image_size)
     if use_dali:
         return DaliTrainLoader(splits.train, sampler, image_size=cfg.image_size, normalize=normalize, seed=seed,
-                               device=source.device, crop_min_scale=crop_min, num_threads=max(1, cfg.workers),
-                               skip_corrupt=cfg.skip_corrupt, decode_size=decode_size)
+                               device=source.device, crop_min_scale=crop_min, view_modes=modes,
+                               num_threads=max(1, cfg.workers), skip_corrupt=cfg.skip_corrupt, decode_size=decode_size)
     return TorchTrainLoader(source, sampler, image_size=cfg.image_size, decode_size=decode_size,
-                            normalize=normalize, seed=seed, crop_min_scale=crop_min)
+                            normalize=normalize, seed=seed, crop_min_scale=crop_min, view_modes=modes)

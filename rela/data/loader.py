@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from rela.data.budget import BudgetSampler
 from rela.data.datasets import ArrayImages, CorruptImageError, FileImages
 from rela.data.interfaces import ImageSource, TrainBatch
-from rela.data.views import Normalize, augment_batch, resize_center_crop, view_pair
+from rela.data.views import VIEW_MODES, Normalize, ViewSpec, augment_batch, resize_center_crop, view_pair
 from rela.errors import RelaError
 
 
@@ -149,11 +149,13 @@ class TorchTrainLoader:
 
     def __init__(self, source: TorchImageSource, sampler: BudgetSampler, *, image_size: int, decode_size: int,
                  normalize: Normalize, seed: int, view_mode: str = "byol",
-                 crop_min_scale: dict[str, float | None] | None = None):
+                 crop_min_scale: dict[str, float | None] | None = None,
+                 view_modes: dict[str, tuple[ViewSpec, ViewSpec]] | None = None):
         self.source, self.sampler = source, sampler
         self.image_size, self.decode_size = image_size, decode_size
         self.normalize = normalize
         self.crop_min_scale = crop_min_scale or {}
+        self.view_modes = view_modes or VIEW_MODES
         self.generator = torch.Generator(device=source.device)
         self.generator.manual_seed(seed)
         self.labels = torch.as_tensor(source.dataset.labels, dtype=torch.int64).to(source.device)
@@ -175,7 +177,7 @@ class TorchTrainLoader:
 
     def set_view_mode(self, mode: str) -> None:
         self._view_mode = mode
-        self.views = view_pair(mode, self.crop_min_scale.get(mode))
+        self.views = view_pair(mode, self.crop_min_scale.get(mode), self.view_modes)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TrainBatch]:
         batches = self.sampler.batches(epoch, start_step)

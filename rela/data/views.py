@@ -1,4 +1,4 @@
-"""The two augmented views: BYOL's asymmetric pair and RELA's milder pair, applied to whole batches.
+"""The two augmented views: BYOL's asymmetric pair and RELA's pair, applied to whole batches.
 
 `ViewSpec` is the one description of a view that both loaders (torch here, DALI in rela/data/dali/)
 implement. `augment_batch` applies a spec to a uint8 batch on its own device, one sample's parameters at
@@ -33,17 +33,30 @@ class ViewSpec:
 
 # BYOL (Grill et al. 2020, table 6): the views differ only in blur and solarize probabilities.
 BYOL_VIEWS = (ViewSpec(blur_p=1.0, solarize_p=0.0), ViewSpec(blur_p=0.1, solarize_p=0.2))
-# RELA regresses static targets computed on the center crop, so its views keep more of the image and
-# its colours: larger crops, flips and a light jitter, no blur or solarize.
+# RELA regresses static targets computed on the center crop. The project's views keep its colours close
+# to that: a light jitter, no grayscale, no blur or solarize, but crops from a quarter of the image.
 RELA_VIEW = ViewSpec(crop_scale=(0.25, 1.0), jitter_p=0.3, brightness=0.2, contrast=0.2, saturation=0.1,
                      hue=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
 RELA_VIEWS = (RELA_VIEW, RELA_VIEW)
+# The reference code's (LINs-lab/ReLA boostor/rela.py TransformReLA): RandomResizedCrop(0.5, 1), flip,
+# ColorJitter(0.8, 0.8, 0.8, 0.2) with p=0.8, grayscale p=0.2.
+RELA_VIEW_REFERENCE = ViewSpec(crop_scale=(0.5, 1.0), jitter_p=0.8, brightness=0.8, contrast=0.8, saturation=0.8,
+                               hue=0.2, grayscale_p=0.2, blur_p=0.0, solarize_p=0.0)
 VIEW_MODES = {"byol": BYOL_VIEWS, "rela": RELA_VIEWS}
 
 
-def view_pair(mode: str, crop_min_scale: float | None = None) -> tuple[ViewSpec, ViewSpec]:
-    """The two specs of `mode` ('byol' or 'rela'), with the crop's smallest scale overridden if given."""
-    pair = VIEW_MODES[mode]
+def view_modes(rela_views: str = "project", byol_blur: bool = True) -> dict[str, tuple[ViewSpec, ViewSpec]]:
+    """The view pair of each mode: RELA's 'project' or 'reference' views; BYOL's with or without blur."""
+    byol = BYOL_VIEWS if byol_blur else tuple(replace(v, blur_p=0.0) for v in BYOL_VIEWS)
+    rela = {"project": RELA_VIEWS, "reference": (RELA_VIEW_REFERENCE, RELA_VIEW_REFERENCE)}[rela_views]
+    return {"byol": byol, "rela": rela}
+
+
+def view_pair(mode: str, crop_min_scale: float | None = None, modes: dict | None = None
+              ) -> tuple[ViewSpec, ViewSpec]:
+    """The two specs of `mode` ('byol' or 'rela') in `modes` (default VIEW_MODES), with the crop's smallest
+    scale overridden if given."""
+    pair = (modes or VIEW_MODES)[mode]
     if crop_min_scale is None:
         return pair
     return tuple(replace(v, crop_scale=(crop_min_scale, v.crop_scale[1])) for v in pair)

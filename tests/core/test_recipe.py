@@ -57,3 +57,28 @@ def test_reference_probe_protocol_reports_the_last_three_epochs():
     early, _ = linear_probe_reference(x[:300], labels[:300], x[300:], labels[300:], 4, epochs=3, seed=0,
                                       lr=1e-6)
     assert early < 0.9  # it learns over epochs: the last three are not the first
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_views_options_reach_both_loaders(loader):
+    from rela.data.budget import BudgetSampler
+    from rela.data.datasets import load_dataset
+    from rela.data.factory import create_loaders
+    from rela.data.views import RELA_VIEW, RELA_VIEW_REFERENCE, Normalize
+
+    def views(*flags: str):
+        cfg = parse_config(["--device", "cpu", "--loader", loader, "--workers", "1", *flags])
+        splits = load_dataset(cfg.dataset, None)
+        made = create_loaders(cfg, splits, BudgetSampler(len(splits.train), 0.2, 16, seed=0),
+                              Normalize(splits.mean, splits.std, torch.device("cpu")), torch.device("cpu"), seed=0)
+        made.train_loader.set_view_mode("rela")
+        rela = made.train_loader.views
+        made.train_loader.set_view_mode("byol")
+        return rela, made.train_loader.views
+
+    rela, byol = views("--recipe", "reference", "--image-size", "16")
+    assert rela == (RELA_VIEW_REFERENCE, RELA_VIEW_REFERENCE) and all(v.blur_p == 0 for v in byol)
+    rela, byol = views()
+    assert rela == (RELA_VIEW, RELA_VIEW) and byol[0].blur_p == 1.0
+    rela, _ = views("--rela-views", "reference", "--rela-crop-min-scale", "0.3")
+    assert rela[0].crop_scale == (0.3, 1.0) and rela[0].grayscale_p == 0.2

@@ -17,7 +17,7 @@ from rela.data.dali.driver import FedPipeline, HostBatch, draw_view_params, eval
 from rela.data.datasets import ArrayImages, FileImages
 from rela.data.interfaces import TrainBatch
 from rela.data.loader import to_device_async
-from rela.data.views import VIEW_MODES, Normalize, view_pair
+from rela.data.views import VIEW_MODES, Normalize, ViewSpec, view_pair
 
 
 class DaliTrainLoader:
@@ -31,7 +31,8 @@ class DaliTrainLoader:
 
     def __init__(self, dataset: ArrayImages | FileImages, sampler: BudgetSampler, *, image_size: int,
                  normalize: Normalize, seed: int, device: torch.device | str, view_mode: str = "byol",
-                 crop_min_scale: dict[str, float | None] | None = None, num_threads: int = 4,
+                 crop_min_scale: dict[str, float | None] | None = None,
+                 view_modes: dict[str, tuple[ViewSpec, ViewSpec]] | None = None, num_threads: int = 4,
                  skip_corrupt: bool = False, decode_size: int | None = None, prefetch: int = 2):
         from rela.data.dali.pipelines import train_pipeline
 
@@ -39,9 +40,10 @@ class DaliTrainLoader:
         self.image_size, self.normalize, self.seed = image_size, normalize, seed
         self.device = torch.device(device)
         self.crop_min_scale = crop_min_scale or {}
+        self.view_modes = view_modes or VIEW_MODES
         self.labels = torch.as_tensor(dataset.labels, dtype=torch.int64).to(self.device)
         # Only views that solarize in some mode get the op (BYOL's second).
-        self._solarize = tuple(any(pair[v].solarize_p > 0 for pair in VIEW_MODES.values()) for v in (0, 1))
+        self._solarize = tuple(any(pair[v].solarize_p > 0 for pair in self.view_modes.values()) for v in (0, 1))
         graph = partial(train_pipeline, size=image_size, mean=normalize.mean.flatten().tolist(),
                         std=normalize.std.flatten().tolist(),
                         half=normalize.dtype in (torch.float16, torch.bfloat16),  # DALI has no bf16: cast after
@@ -64,7 +66,7 @@ class DaliTrainLoader:
 
     def set_view_mode(self, mode: str) -> None:
         self._view_mode = mode
-        self.views = view_pair(mode, self.crop_min_scale.get(mode))
+        self.views = view_pair(mode, self.crop_min_scale.get(mode), self.view_modes)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TrainBatch]:
         batches = self.sampler.batches(epoch, start_step)
