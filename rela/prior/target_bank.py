@@ -4,6 +4,10 @@ Built once and kept under --bank-dir, one file per (dataset, prior spec, target 
 it was built for: the dataset's fingerprint, the prior's (spec and weights hash), the input size and the
 preprocessing. A run with the same key reuses it; a changed key rebuilds it and says which part changed.
 The raw pass over the images is rela._C's (rela/prior/raw_features.py): sharded over ranks, resumable.
+On CUDA the prior runs under bf16 autocast on channels_last images (fp32 elsewhere); the precision is part
+of the key, so a bf16 bank is never taken for an fp32 one. The next batch's images are read on a thread
+while the prior runs on the current one, and the PCA projection of the rows is split over ranks and
+gathered.
 """
 from __future__ import annotations
 
@@ -11,8 +15,10 @@ import hashlib
 import json
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -40,16 +46,101 @@ class TargetBank:
         return self.targets.index_select(0, index)
 
 
-def bank_key(*, dataset: str, prior: Prior, crop_fraction: float, target_dim: int, num_rows: int) -> dict:
+def prior_precision(device: torch.device) -> str:
+    """How the prior runs on `device`: "bf16" (autocast, channels_last) on CUDA, "fp32" elsewhere."""
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
+def bank_key(*, dataset: str, prior: Prior, crop_fraction: float, target_dim: int, num_rows: int,
+             precision: str = "fp32") -> dict:
     return {
         "format": BANK_FORMAT,
         "dataset": dataset,
         "prior": prior.fingerprint,
         "input_size": prior.input_size,
         "preprocessing": f"resize+center-crop(fraction={crop_fraction}) mean={list(prior.mean)} std={list(prior.std)}",
+        "precision": precision,
         "target_dim": target_dim,
         "rows": num_rows,
     }
+
+
+def prior_encoder(encoder: torch.nn.Module, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """images (B, C, H, W) -> (B, D) float32 features, run at `precision` ("bf16": CUDA autocast on
+    channels_last images and weights, as the trainer runs its networks; "fp32": as it is)."""
+    if precision == "fp32":
+        return encoder
+    if precision != "bf16":
+        raise ValueError(f"unknown prior precision {precision!r}")
+    encoder = encoder.to(memory_format=torch.channels_last)
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return encoder(images.contiguous(memory_format=torch.channels_last)).float()
+
+    return encode
+
+
+class PrefetchingLoader:
+    """`load(indices)` with the next batch read on a thread while the caller works on this one.
+
+    After each call, `guess_next(indices)` names the batch expected next (None: none); a call with exactly
+    those indices takes the thread's result (counted in `hits`), any other call loads directly, so the rows
+    and their order are always those asked for. An error of a prefetched load is raised by the call that
+    asks for that batch; a prefetch that was not asked for is waited for and forgotten. One thread, one batch
+    ahead: `load` is never run twice at once. Use as a context manager, or call `close`.
+    """
+
+    def __init__(self, load: Callable[[torch.Tensor], torch.Tensor],
+                 guess_next: Callable[[torch.Tensor], torch.Tensor | None]):
+        self.load, self.guess_next = load, guess_next
+        self.hits = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="bank-prefetch")
+        self._pending: tuple[torch.Tensor, Future] | None = None
+
+    def __call__(self, indices: torch.Tensor) -> torch.Tensor:
+        pending, self._pending = self._pending, None
+        if pending is not None and torch.equal(pending[0], indices):
+            batch = pending[1].result()
+            self.hits += 1
+        else:
+            if pending is not None:
+                pending[1].exception()  # wait for it: `load` must not run on two threads at once
+            batch = self.load(indices)
+        following = self.guess_next(indices)
+        if following is not None:
+            self._pending = (following, self._pool.submit(self.load, following))
+        return batch
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending[1].exception()
+            self._pending = None
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "PrefetchingLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def shard_bounds(num_rows: int, world_size: int) -> list[int]:
+    """Rank r owns rows [bounds[r], bounds[r + 1]): rela._C.shard_range's split, r * N // W."""
+    return [r * num_rows // world_size for r in range(world_size + 1)]
+
+
+def next_in_shard(shard_end: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """The raw pass's next batch when its rows are consecutive (a fresh build): the following indices up to
+    `shard_end`, a short last batch padded with its last index as rela._C's ShardPlan pads it."""
+    def guess(indices: torch.Tensor) -> torch.Tensor | None:
+        start, size = int(indices[-1]) + 1, len(indices)
+        if start >= shard_end:
+            return None
+        following = torch.arange(start, min(start + size, shard_end), dtype=torch.int64)
+        return torch.cat([following, following[-1:].expand(size - len(following))])
+
+    return guess
 
 
 def _digest(obj: dict) -> str:
@@ -95,7 +186,7 @@ def prepare_target_bank(prior: Prior, load_images, *, num_rows: int, dataset_fin
     """Reuses or builds the bank. load_images(indices int64 (B,)) -> normalised prior input on `device`."""
     start = time.time()
     key = bank_key(dataset=dataset_fingerprint, prior=prior, crop_fraction=crop_fraction,
-                   target_dim=target_dim, num_rows=num_rows)
+                   target_dim=target_dim, num_rows=num_rows, precision=prior_precision(device))
     if explicit_path is not None:
         bank = load_bank_file(Path(explicit_path), key, device)
         log.info(f"target bank: {explicit_path} ({num_rows} x {bank.dim})")
@@ -122,10 +213,10 @@ def _build(prior: Prior, load_images, key: dict, path: Path, *, num_rows: int, b
     from rela.prior.raw_features import build_raw_features
     from rela.utils.progress import Progress
 
-    encoder = prior.encoder.to(device)
+    encode = prior_encoder(prior.encoder.to(device), key["precision"])
     with torch.no_grad():
         probe = load_images(torch.arange(min(2, num_rows), dtype=torch.int64))
-        feature_dim = encoder(probe).shape[1]
+        feature_dim = encode(probe).shape[1]
     raw_key = {k: v for k, v in key.items() if k != "target_dim"}
     raw_path = path.parent / f"raw-{_digest(raw_key)}.bank"
     log.info(f"target bank: encoding {num_rows} images with prior {prior.spec} ({feature_dim} features, "
@@ -138,9 +229,11 @@ def _build(prior: Prior, load_images, key: dict, path: Path, *, num_rows: int, b
         bar.update(done - done_so_far[0])
         done_so_far[0] = done
 
-    raw = build_raw_features(encoder, load_images, num_rows, feature_dim, raw_path,
-                             _digest(raw_key), batch_size=batch_size, rank=dist.rank,
-                             world_size=dist.world_size, device=device, progress=progress)
+    shard_end = shard_bounds(num_rows, dist.world_size)[dist.rank + 1]
+    with PrefetchingLoader(load_images, next_in_shard(shard_end)) as load:
+        raw = build_raw_features(encode, load, num_rows, feature_dim, raw_path,
+                                 _digest(raw_key), batch_size=batch_size, rank=dist.rank,
+                                 world_size=dist.world_size, device=device, progress=progress)
     bar.close()
     row_sum = dist_utils.all_reduce_sum_(raw.row_sum.to(device))
     outer_sum = dist_utils.all_reduce_sum_(raw.row_outer_sum.to(device))
@@ -148,7 +241,7 @@ def _build(prior: Prior, load_images, key: dict, path: Path, *, num_rows: int, b
     if count != num_rows:
         raise RuntimeError(f"raw feature pass accumulated {count} rows, expected {num_rows}")
     projection = pca_from_sums(row_sum, outer_sum, count, key["target_dim"])
-    targets = project_rows(raw.features, projection, device)
+    targets = project_rows(raw.features, projection, device, rank=dist.rank, world_size=dist.world_size)
     if projection.components.shape[1] < key["target_dim"]:
         log.info(f"target bank: the prior's features span {projection.components.shape[1]} dimensions, "
                  f"fewer than the {key['target_dim']} asked for; targets use those")
@@ -158,11 +251,17 @@ def _build(prior: Prior, load_images, key: dict, path: Path, *, num_rows: int, b
     return targets
 
 
-def project_rows(features, projection: PcaProjection, device: torch.device, chunk: int = 65536) -> torch.Tensor:
-    """The final pass over the raw rows (a memmap), chunk by chunk on the device."""
+def project_rows(features, projection: PcaProjection, device: torch.device, *, rank: int = 0, world_size: int = 1,
+                 chunk: int = 65536) -> torch.Tensor:
+    """The final pass over the raw rows (a memmap): each rank projects its share, chunk by chunk on the
+    device, and the shares are gathered (torch.distributed), so every rank returns all (N, k) rows."""
     projection = PcaProjection(*(t.to(device) for t in (projection.mean, projection.components, projection.scale)))
-    out = torch.empty((len(features), projection.components.shape[1]), dtype=torch.float32, device=device)
-    for start in range(0, len(features), chunk):
-        rows = torch.from_numpy(features[start: start + chunk].copy()).to(device)
-        out[start: start + len(rows)] = projection.apply(rows)
-    return out
+    bounds = shard_bounds(len(features), world_size)
+    begin, end = bounds[rank], bounds[rank + 1]
+    out = torch.empty((end - begin, projection.components.shape[1]), dtype=torch.float32, device=device)
+    for start in range(begin, end, chunk):
+        rows = torch.from_numpy(features[start: min(start + chunk, end)].copy()).to(device)
+        out[start - begin: start - begin + len(rows)] = projection.apply(rows)
+    if world_size == 1:
+        return out
+    return dist_utils.all_gather_rows(out, [bounds[r + 1] - bounds[r] for r in range(world_size)])
