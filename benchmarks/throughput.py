@@ -2,7 +2,9 @@
 
     python benchmarks/throughput.py [--out DIR] [--quick] [--preset h100] [--device cpu|cuda]
         [--dataset digits] [--data PATH] [--arch A] [--batch-size B] [--image-size S] [--precision fp32|bf16]
-        [--prior rand] [--budgets 0.1 0.2 0.5] [--seeds 3] [--epochs N] [--probe-epochs N] [--skip PART ...]
+        [--recipe project|reference] [--prior rand] [--transfer-prior run:DIR] [--budgets 0.1 0.2 0.5]
+        [--seeds 3] [--epochs N] [--probe-epochs N] [--target-drop-pp 1] [--monitor-every N] [--monitor-size N]
+        [--rela-averaging-scale S] [--skip PART ...]
 
 1. Step throughput (images/s; each image is two views): rela.step.train_step, the trainer's own step, on
    the networks rela.run.build_networks builds for the trainer (no DDP), on synthetic batches resident on
@@ -13,15 +15,25 @@
    (TorchTrainLoader; DALI too where installed and on a GPU) says whether the step or the loader bounds.
 2. Target bank: a fresh bank built by the trainer's rela.run.build_target_bank for the chosen prior;
    seconds per 1,000 images.
-3. Wall-clock saving: rela.train.run for BYOL at 100% (--prior none --budget 1.0) and RELA at each budget,
-   each seed, a fresh bank folder per run so the bank build is counted in wall_clock_s (which also holds
-   the evaluation). Reports per-seed and mean wall-clock, images seen, linear-probe and kNN accuracy, and
-   per budget the wall-clock ratio (RELA / BYOL-100%) and the accuracy delta (RELA - BYOL-100%, in points).
+3. End to end, against honest baselines: rela.train.run per seed (seeds outermost, after an untimed
+   warm-up run) for BYOL at 100% (--prior none --budget 1.0), BYOL at each reduced budget, RELA at each
+   budget, RELA from --transfer-prior at each budget (a prior trained elsewhere: a digits run's folder as the
+   prior of a harder dataset), and the untrained backbone (rela.train.evaluate_untrained: same architecture
+   and initialisation, same evaluation; its wall-clock is its evaluation alone). --recipe goes to every run.
+   A fresh bank folder per run, so the bank build is in wall_clock_s (which also holds the evaluation);
+   training_clock_s is wall_clock_s without the kNN monitor's own time. Per (method, budget): mean ± std
+   over seeds and every seed's number; the difference to BYOL-100% paired by seed, its mean and 95% paired
+   t-interval (n/a with one seed). Time to accuracy: each run's kNN monitor (metrics.jsonl) against its
+   training clock; the target is BYOL-100%'s mean final monitor kNN minus --target-drop-pp; per run the first
+   monitored training clock at or above it (None if never), per group the median over seeds and how many
+   reached it, and the ratio to BYOL-100%'s. The headline says whether RELA at 20% came within --tolerance-pp
+   of BYOL-100% at under half its wall-clock (linear probe, kNN, time to target), met or not.
 4. A projection to ImageNet-1K ResNet-50 on 8 GPUs from the measured ResNet-50 step (on the CPU measured
    at a small resolution and scaled by pixel count): a projection, not a measurement.
 
---out DIR writes DIR/throughput.json (with benchmarks.timing.environment()) and DIR/throughput.png
-(accuracy against wall-clock, one point per run; --name changes the stem). --preset h100 adds ResNet-18
+--out DIR writes DIR/throughput.json (with benchmarks.timing.environment()) and DIR/throughput.png (the
+claim: monitor kNN against training clock per run, the target and each group's time to it; beside it the
+final accuracy against wall-clock; --name changes the stem). --preset h100 adds ResNet-18
 (CIFAR stem, 32 px, batch 512) and ResNet-50 (224 px, batch 256), bf16 autocast + channels_last on CUDA.
 A benchmark never asserts a speed; it reports.
 """
@@ -32,6 +44,8 @@ import contextlib
 import dataclasses
 import gc
 import importlib.util
+import json
+import math
 import os
 import statistics
 import sys
@@ -60,7 +74,7 @@ from rela.prior.specs import load_prior  # noqa: E402
 from rela.prior.target_bank import TargetBank  # noqa: E402
 from rela.run import build_networks, build_run, build_target_bank, center_crop_fraction, peak_learning_rate  # noqa: E402
 from rela.step import train_step  # noqa: E402
-from rela.train import run  # noqa: E402
+from rela.train import evaluate_untrained, run  # noqa: E402
 from rela.utils.distributed import DistInfo  # noqa: E402
 from rela.utils.progress import RunLog  # noqa: E402
 
@@ -315,115 +329,308 @@ def time_bank(cfg: Config, device: torch.device, repeats: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. End-to-end wall-clock
+# 3. End to end: honest baselines, paired deltas, time-to-accuracy
 # ---------------------------------------------------------------------------------------------------------
 
-def end_to_end(base: dict, *, prior: str, budgets: list[float], seeds: int, work_dir: Path) -> list[dict]:
-    """BYOL-100% and RELA at each budget, for each seed, seeds outermost so that load drift on a shared
-    machine hits every method alike. Each run gets an empty bank folder."""
-    def quiet_run(name: str, **options) -> dict | None:
-        cfg = resolve_config({**base, **options, "out": str(work_dir / "runs" / name),
-                              "bank_dir": str(work_dir / "banks" / name), "progress": False})
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of the end-to-end plan. method: byol | rela | rela-transfer | untrained (budget None)."""
+    method: str
+    prior: str
+    budget: float | None
+
+    @property
+    def group(self) -> tuple[str, float | None]:
+        return self.method, self.budget
+
+
+METHOD_LABELS = {"byol": "BYOL", "rela": "RELA", "rela-transfer": "RELA transfer", "untrained": "untrained"}
+
+
+def plan_runs(prior: str, budgets: list[float], transfer_prior: str | None) -> list[PlannedRun]:
+    """One seed's runs: BYOL-100% (the reference), BYOL at each reduced budget (does RELA add anything over
+    simply training less?), RELA at each budget, RELA from a prior trained elsewhere, and the untrained
+    backbone (what any learning is measured from)."""
+    reduced = sorted(b for b in budgets if b < 1.0)
+    plan = [PlannedRun("byol", "none", 1.0)] + [PlannedRun("byol", "none", b) for b in reduced]
+    plan += [PlannedRun("rela", prior, b) for b in sorted(budgets)]
+    if transfer_prior is not None:
+        plan += [PlannedRun("rela-transfer", transfer_prior, b) for b in sorted(budgets)]
+    return plan + [PlannedRun("untrained", "none", None)]
+
+
+def group_label(method: str, budget: float | None) -> str:
+    return METHOD_LABELS[method] + ("" if budget is None else f" {budget_label(budget)}")
+
+
+def run_name(planned: PlannedRun, seed: int) -> str:
+    budget = "" if planned.budget is None else f"-{budget_label(planned.budget)}"
+    return f"{planned.method}{budget}-seed{seed}"
+
+
+def monitor_curve(run_dir: Path) -> list[list[float]]:
+    """[training_clock_s, monitor_knn_top1, step] per kNN-monitor row of the run's metrics.jsonl."""
+    curve = []
+    with open(run_dir / "metrics.jsonl") as rows:
+        for line in rows:
+            row = json.loads(line)
+            if "monitor_knn_top1" in row:
+                curve.append([row["training_clock_s"], row["monitor_knn_top1"], row["step"]])
+    return curve
+
+
+def end_to_end(base: dict, *, prior: str, budgets: list[float], seeds: int, work_dir: Path,
+               transfer_prior: str | None = None) -> list[dict]:
+    """Every planned run for each seed, seeds outermost so that load drift on a shared machine hits every
+    method alike. Each run gets an empty bank folder, so a bank's build is counted in its wall-clock."""
+    def run_config(name: str, **options) -> Config:
+        return resolve_config({**base, **options, "out": str(work_dir / "runs" / name),
+                               "bank_dir": str(work_dir / "banks" / name), "progress": False})
+
+    def quietly(name: str, fn, cfg: Config) -> dict | None:
         log_path = work_dir / "runs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            return run(cfg)
+            return fn(cfg)
 
     # Untimed: the first run in a process pays for lazy imports and kernel set-up, which would land on
     # whichever method went first.
-    quiet_run("warm-up", prior=prior, budget=min(budgets), epochs=1, stop_after_steps=2)
+    quietly("warm-up", run, run_config("warm-up", prior=prior, budget=min(budgets), epochs=1, stop_after_steps=2))
     runs = []
-    plan = [("byol", "none", 1.0)] + [("rela", prior, b) for b in budgets]
     for seed in range(seeds):
-        for method, run_prior, budget in plan:
-            name = f"{method}-{budget_label(budget)}-seed{seed}"
+        for planned in plan_runs(prior, budgets, transfer_prior):
+            name = run_name(planned, seed)
             load_before = os.getloadavg()[0]
-            summary = quiet_run(name, prior=run_prior, budget=budget, seed=seed)
-            end = summary["rela_phase_end_step"]
-            row = {"run": name, "method": method, "budget": budget, "seed": seed, "prior": run_prior,
-                   "wall_clock_s": summary["wall_clock_s"], "target_bank_s": summary["target_bank_s"],
-                   "eval_s": summary.get("eval_s"), "train_steps": summary["train_steps"],
-                   "images_seen": summary["images_seen"], "rela_phase_end_step": end,
-                   "rela_phase_ended_by": summary.get("rela_phase_ended_by"),
-                   # Steps spent in the RELA phase: all of them when the phase never ended.
-                   "rela_phase_fraction": 0.0 if method == "byol" else (
-                       1.0 if end is None else end / summary["train_steps"]),
-                   "linear_probe_top1": summary["linear_probe_top1"], "knn_top1": summary["knn_top1"],
+            if planned.method == "untrained":
+                row = untrained_row(quietly(name, evaluate_untrained, run_config(name, seed=seed)))
+            else:
+                cfg = run_config(name, prior=planned.prior, budget=planned.budget, seed=seed)
+                row = trained_row(quietly(name, run, cfg), Path(cfg.out), planned.method)
+            row = {"run": name, "method": planned.method, "budget": planned.budget, "seed": seed,
+                   "prior": planned.prior, **row,
                    # Other work on a shared machine shows here first: the 1-minute load around the run.
                    "load_1min_before": load_before, "load_1min_after": os.getloadavg()[0]}
             runs.append(row)
-            print(f"  {name}: {row['wall_clock_s']:.1f}s (bank {row['target_bank_s']:.1f}s), "
-                  f"{row['train_steps']} steps, {row['images_seen']} images, linear probe "
-                  f"{row['linear_probe_top1']:.2f}%, kNN {row['knn_top1']:.2f}%", flush=True)
+            print(f"  {name}: {row['wall_clock_s']:.1f}s (training clock {row['training_clock_s']:.1f}s, bank "
+                  f"{row['target_bank_s']:.1f}s), {row['train_steps']} steps, {row['images_seen']} images, linear "
+                  f"probe {row['linear_probe_top1']:.2f}%, kNN {row['knn_top1']:.2f}%", flush=True)
     return runs
+
+
+def trained_row(summary: dict, run_dir: Path, method: str) -> dict:
+    end = summary["rela_phase_end_step"]
+    return {"wall_clock_s": summary["wall_clock_s"],
+            # the run without its kNN monitor: bank, training and evaluation
+            "training_clock_s": summary["wall_clock_s"] - summary["monitor_s"], "monitor_s": summary["monitor_s"],
+            "target_bank_s": summary["target_bank_s"], "eval_s": summary.get("eval_s"),
+            "train_steps": summary["train_steps"], "images_seen": summary["images_seen"],
+            "rela_phase_end_step": end, "rela_phase_ended_by": summary.get("rela_phase_ended_by"),
+            # Steps spent in the RELA phase: all of them when the phase never ended.
+            "rela_phase_fraction": 0.0 if method == "byol" else (1.0 if end is None else end / summary["train_steps"]),
+            "linear_probe_top1": summary["linear_probe_top1"], "knn_top1": summary["knn_top1"],
+            "linear_probe_top1_std": summary.get("linear_probe_top1_std"),
+            "probe_protocol": summary.get("probe_protocol"), "monitor": monitor_curve(run_dir)}
+
+
+def untrained_row(results: dict) -> dict:
+    """The untrained backbone's wall-clock is its evaluation alone (eval_s), which every trained run's
+    wall-clock also holds: no bank, no training step, no monitor."""
+    return {"wall_clock_s": results["eval_s"], "training_clock_s": results["eval_s"], "monitor_s": 0.0,
+            "target_bank_s": 0.0, "eval_s": results["eval_s"], "train_steps": 0, "images_seen": 0,
+            "rela_phase_end_step": None, "rela_phase_ended_by": None, "rela_phase_fraction": 0.0,
+            "linear_probe_top1": results["linear_probe_top1"], "knn_top1": results["knn_top1"],
+            "linear_probe_top1_std": results.get("linear_probe_top1_std"),
+            "probe_protocol": results.get("probe_protocol"), "monitor": []}
 
 
 def budget_label(budget: float) -> str:
     return f"{100 * budget:g}%"
 
 
-def summarise_runs(runs: list[dict], tolerance_pp: float) -> tuple[list[dict], dict]:
-    """Mean and spread over seeds per (method, budget); per RELA budget the ratios to BYOL-100%."""
-    groups: dict[tuple[str, float], list[dict]] = {}
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired_interval(deltas: list[float], level: float = 0.95) -> list[float] | None:
+    """The t-interval of the mean of paired differences (n-1 degrees of freedom); None for one pair."""
+    if len(deltas) < 2:
+        return None
+    from scipy.stats import t  # scipy comes with scikit-learn, a dependency of the package
+
+    mean, std = mean_std(deltas)
+    half = t.ppf(0.5 + level / 2, len(deltas) - 1) * std / math.sqrt(len(deltas))
+    return [float(mean - half), float(mean + half)]
+
+
+def interval_text(interval: list[float] | None) -> str:
+    return "n/a (1 seed)" if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]"
+
+
+def time_to_target(curve: list[list[float]], target: float) -> float | None:
+    """The first training clock (s) at which the monitor's kNN reached the target; None when it never did.
+    The monitor runs at epoch ends (or every --monitor-every steps), so this is the first such point."""
+    return next((clock for clock, accuracy, _ in curve if accuracy >= target), None)
+
+
+def median_time(times: list[float | None]) -> float | None:
+    """The median over seeds, a seed that never reached the target counting as infinitely slow: None when
+    half or more never did."""
+    median = statistics.median([math.inf if t is None else t for t in times])
+    return None if math.isinf(median) else median
+
+
+def summarise_runs(runs: list[dict], target_drop_pp: float) -> tuple[list[dict], dict]:
+    """Per (method, budget): the mean and std over seeds and every seed's number; the difference to
+    BYOL-100% paired by seed with its mean and 95% t-interval; the wall-clock ratio; the time to reach
+    BYOL-100%'s mean final monitor kNN minus `target_drop_pp` points. Returns (groups, time-to-target)."""
+    groups: dict[tuple[str, float | None], list[dict]] = {}
     for r in runs:
         groups.setdefault((r["method"], r["budget"]), []).append(r)
+    reference = groups[("byol", 1.0)]
+    reference_by_seed = {r["seed"]: r for r in reference}
+    finals = [r["monitor"][-1][1] for r in reference if r["monitor"]]
+    target = statistics.fmean(finals) - target_drop_pp if finals else None
+    for r in runs:
+        r["time_to_target_s"] = None if target is None else time_to_target(r["monitor"], target)
+    reference_time = median_time([r["time_to_target_s"] for r in reference])
     table = []
     for (method, budget), rs in groups.items():
-        row = {"run": f"{method}-{budget_label(budget)}", "method": method, "budget": budget, "seeds": len(rs)}
-        for key in ("wall_clock_s", "target_bank_s", "train_steps", "images_seen", "rela_phase_fraction",
-                    "linear_probe_top1", "knn_top1"):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        row = {"group": group_label(method, budget), "method": method, "budget": budget, "prior": rs[0]["prior"],
+               "seeds": len(rs), "seed_ids": [r["seed"] for r in rs]}
+        for key in ("linear_probe_top1", "knn_top1", "wall_clock_s", "training_clock_s"):
             values = [r[key] for r in rs]
-            row[key] = statistics.fmean(values)
-            if key in ("wall_clock_s", "linear_probe_top1", "knn_top1"):
-                row[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-            if key == "wall_clock_s":
-                row["wall_clock_s_median"] = statistics.median(values)
-        table.append(row)
-    byol = next(r for r in table if r["method"] == "byol")
-    byol_by_seed = {r["seed"]: r for r in runs if r["method"] == "byol"}
-    budgets = {}
-    for row in table:
-        if row["method"] != "rela":
-            continue
-        row["wall_clock_ratio"] = row["wall_clock_s"] / byol["wall_clock_s"]
+            row[key], row[key + "_std"] = mean_std(values)
+            row[key + "_per_seed"] = values
+        for key in ("target_bank_s", "train_steps", "images_seen", "rela_phase_fraction"):
+            row[key] = statistics.fmean(r[key] for r in rs)
+        row["wall_clock_s_median"] = statistics.median(row["wall_clock_s_per_seed"])
+        for key, short in (("linear_probe_top1", "linear"), ("knn_top1", "knn")):
+            deltas = [r[key] - reference_by_seed[r["seed"]][key] for r in rs]
+            row[f"{short}_delta_per_seed"] = deltas
+            row[f"{short}_delta"] = statistics.fmean(deltas)
+            row[f"{short}_delta_ci95"] = paired_interval(deltas)
+        ratios = [r["wall_clock_s"] / reference_by_seed[r["seed"]]["wall_clock_s"] for r in rs]
+        row["wall_clock_ratio_per_seed"] = ratios
+        row["wall_clock_ratio"] = row["wall_clock_s"] / statistics.fmean(r["wall_clock_s"] for r in reference)
         # Robust to one run slowed by other work on a shared machine; equal to the above when runs agree.
-        row["wall_clock_ratio_of_medians"] = row["wall_clock_s_median"] / byol["wall_clock_s_median"]
-        row["accuracy_delta"] = row["linear_probe_top1"] - byol["linear_probe_top1"]
-        row["knn_delta"] = row["knn_top1"] - byol["knn_top1"]
-        row["matches_byol"] = row["accuracy_delta"] >= -tolerance_pp
-        per_seed = [{"seed": r["seed"], "wall_clock_ratio": r["wall_clock_s"] / byol_by_seed[r["seed"]]["wall_clock_s"],
-                     "accuracy_delta": r["linear_probe_top1"] - byol_by_seed[r["seed"]]["linear_probe_top1"],
-                     "knn_delta": r["knn_top1"] - byol_by_seed[r["seed"]]["knn_top1"]}
-                    for r in runs if r["method"] == "rela" and r["budget"] == row["budget"]]
-        budgets[f"{row['budget']:g}"] = {
-            "budget": row["budget"], "wall_clock_ratio": row["wall_clock_ratio"],
-            "wall_clock_ratio_of_medians": row["wall_clock_ratio_of_medians"],
-            "accuracy_delta": row["accuracy_delta"], "knn_delta": row["knn_delta"],
-            "matches_byol_within_pp": tolerance_pp, "matches_byol": row["matches_byol"],
-            "images_seen_ratio": row["images_seen"] / byol["images_seen"], "per_seed": per_seed}
-    return table, budgets
+        row["wall_clock_ratio_of_medians"] = row["wall_clock_s_median"] / statistics.median(
+            r["wall_clock_s"] for r in reference)
+        times = [r["time_to_target_s"] for r in rs]
+        row["time_to_target_s_per_seed"] = times
+        row["time_to_target_s"] = None if method == "untrained" else median_time(times)
+        row["reached_target"] = sum(t is not None for t in times)
+        row["time_to_target_ratio"] = (None if row["time_to_target_s"] is None or not reference_time
+                                       else row["time_to_target_s"] / reference_time)
+        table.append(row)
+    order = {"byol": 0, "rela": 1, "rela-transfer": 2, "untrained": 3}
+    table.sort(key=lambda row: (order[row["method"]], -(row["budget"] or 0.0)))
+    return table, {"target_knn_top1": target, "target_drop_pp": target_drop_pp,
+                   "target_source": f"BYOL-100%'s mean final monitor kNN over {len(finals)} seed(s) minus "
+                                    f"{target_drop_pp:g} points",
+                   "reference_time_s": reference_time,
+                   "clock": "training_clock_s: the run's clock (target bank included) without the monitor's time"}
 
 
 def wall_clock_spread_warning(table: list[dict]) -> str | None:
     """A run whose wall-clock strays far from its seeds' median was most likely slowed by other work."""
-    spread = max(r["wall_clock_s_std"] / r["wall_clock_s_median"] for r in table)
+    trained = [r for r in table if r["method"] != "untrained"]
+    spread = max(r["wall_clock_s_std"] / r["wall_clock_s_median"] for r in trained)
     if spread < 0.25:
         return None
-    worst = max(table, key=lambda r: r["wall_clock_s_std"] / r["wall_clock_s_median"])
-    return (f"warning: {worst['run']}'s wall-clock varies by {100 * spread:.0f}% (std/median) over seeds, most likely "
-            f"other work on the machine (see load_1min_before/after per run); compare wall_clock_ratio_of_medians")
+    worst = max(trained, key=lambda r: r["wall_clock_s_std"] / r["wall_clock_s_median"])
+    return (f"warning: {worst['group']}'s wall-clock varies by {100 * spread:.0f}% (std/median) over seeds, most "
+            f"likely other work on the machine (see load_1min_before/after per run); compare "
+            f"wall_clock_ratio_of_medians")
 
 
-def headline(budgets: dict, tolerance_pp: float) -> str:
-    matching = [b for b in budgets.values() if b["matches_byol"]]
-    if not matching:
-        return (f"no RELA budget reached BYOL-100%'s linear-probe accuracy within {tolerance_pp:g} points "
-                f"(best delta {max(b['accuracy_delta'] for b in budgets.values()):+.2f})")
-    best = min(matching, key=lambda b: b["wall_clock_ratio"])
-    return (f"RELA at {budget_label(best['budget'])} reached BYOL-100%'s linear-probe accuracy "
-            f"({best['accuracy_delta']:+.2f} points, tolerance {tolerance_pp:g}) in "
-            f"{best['wall_clock_ratio']:.3f}x its wall-clock (ratio of medians "
-            f"{best['wall_clock_ratio_of_medians']:.3f}x), target bank included")
+def headline(table: list[dict], ttt: dict, tolerance_pp: float, claim_budget: float = 0.2) -> list[str]:
+    """The claim, tested as stated: RELA at `claim_budget` within `tolerance_pp` points of BYOL-100% at under
+    half its wall-clock; in linear probe, kNN and time-to-target. Says so plainly when it is not met, and
+    puts BYOL at the same budget beside it (RELA must beat simply training less)."""
+    rows = {(r["method"], r["budget"]): r for r in table}
+    rela = rows.get(("rela", claim_budget))
+    if rela is None:
+        return [f"claim not tested: no RELA run at {budget_label(claim_budget)} (--budgets)"]
+    byol = rows[("byol", 1.0)]
+    lines = []
+    for key, short, name in (("linear_probe_top1", "linear", "linear probe"), ("knn_top1", "knn", "kNN")):
+        close = rela[f"{short}_delta"] >= -tolerance_pp
+        fast = rela["wall_clock_ratio"] < 0.5
+        verdict = "MET" if close and fast else "NOT MET"
+        lines.append(
+            f"claim ({name}) {verdict}: RELA {budget_label(claim_budget)} {rela[key]:.2f} ± {rela[key + '_std']:.2f}% "
+            f"vs BYOL-100% {byol[key]:.2f} ± {byol[key + '_std']:.2f}%, delta {rela[f'{short}_delta']:+.2f} points "
+            f"(95% paired CI {interval_text(rela[f'{short}_delta_ci95'])}; {'within' if close else 'NOT within'} "
+            f"{tolerance_pp:g}), wall-clock {rela['wall_clock_ratio']:.2f}x BYOL-100%'s "
+            f"({'under' if fast else 'NOT under'} half), {rela['seeds']} seed(s)")
+    target = ttt["target_knn_top1"]
+    if target is None:
+        lines.append("claim (time-to-target) not tested: the runs logged no kNN monitor")
+    else:
+        ratio = rela["time_to_target_ratio"]
+        met = ratio is not None and ratio < 0.5
+        reached = f"{rela['reached_target']}/{rela['seeds']} seeds reached it"
+        if rela["time_to_target_s"] is None:
+            how = f"median time not reached ({reached})"
+        else:
+            how = (f"median {rela['time_to_target_s']:.1f}s ({reached}) vs BYOL-100%'s "
+                   + ("never" if ttt["reference_time_s"] is None else f"{ttt['reference_time_s']:.1f}s")
+                   + ("" if ratio is None else f", {ratio:.2f}x"))
+        lines.append(f"claim (time-to-target) {'MET' if met else 'NOT MET'}: RELA {budget_label(claim_budget)} to "
+                     f"monitor kNN >= {target:.2f}% ({ttt['target_source']}): {how}; under half needed")
+    same_budget = rows.get(("byol", claim_budget))
+    if same_budget is not None:
+        gain = rela["linear_probe_top1"] - same_budget["linear_probe_top1"]
+        lines.append(
+            f"baseline BYOL {budget_label(claim_budget)}: linear {same_budget['linear_probe_top1']:.2f}% (delta "
+            f"{same_budget['linear_delta']:+.2f}), kNN {same_budget['knn_top1']:.2f}% (delta "
+            f"{same_budget['knn_delta']:+.2f}), wall-clock {same_budget['wall_clock_ratio']:.2f}x; RELA minus BYOL "
+            f"at {budget_label(claim_budget)}: linear {gain:+.2f}, "
+            f"kNN {rela['knn_top1'] - same_budget['knn_top1']:+.2f} points")
+    transfer = rows.get(("rela-transfer", claim_budget))
+    if transfer is not None:
+        lines.append(
+            f"RELA transfer {budget_label(claim_budget)} (prior {transfer_prior_of(table)}): linear "
+            f"{transfer['linear_probe_top1']:.2f}% (delta {transfer['linear_delta']:+.2f}, "
+            f"{interval_text(transfer['linear_delta_ci95'])}), kNN {transfer['knn_top1']:.2f}% (delta "
+            f"{transfer['knn_delta']:+.2f}), wall-clock {transfer['wall_clock_ratio']:.2f}x")
+    untrained = rows.get(("untrained", None))
+    if untrained is not None:
+        lines.append(f"baseline untrained backbone: linear {untrained['linear_probe_top1']:.2f}%, kNN "
+                     f"{untrained['knn_top1']:.2f}%")
+        for key, name in (("linear_probe_top1", "linear probe"), ("knn_top1", "kNN")):
+            if untrained[key] >= rela[key] - tolerance_pp:
+                lines.append(f"caution: the untrained backbone's {name} ({untrained[key]:.2f}%) is within "
+                             f"{tolerance_pp:g} points of RELA {budget_label(claim_budget)}'s or above it "
+                             f"({rela[key]:.2f}%): in {name} these runs show no learning to compare")
+    return lines
+
+
+def transfer_prior_of(table: list[dict]) -> str:
+    return next((r["prior"] for r in table if r["method"] == "rela-transfer"), "-")
+
+
+def summary_display(table: list[dict]) -> list[dict]:
+    """The summary as the terminal shows it: mean ± std, every seed's number, paired deltas with intervals."""
+    def seeds(values: list) -> str:
+        return " ".join("-" if v is None else f"{v:.1f}" for v in values)
+
+    out = []
+    for r in table:
+        out.append({
+            "group": r["group"], "seeds": r["seeds"],
+            "linear": f"{r['linear_probe_top1']:.2f} ± {r['linear_probe_top1_std']:.2f}",
+            "linear_per_seed": seeds(r["linear_probe_top1_per_seed"]),
+            "linear_delta [95% CI]": f"{r['linear_delta']:+.2f} {interval_text(r['linear_delta_ci95'])}",
+            "knn": f"{r['knn_top1']:.2f} ± {r['knn_top1_std']:.2f}", "knn_per_seed": seeds(r["knn_top1_per_seed"]),
+            "knn_delta [95% CI]": f"{r['knn_delta']:+.2f} {interval_text(r['knn_delta_ci95'])}",
+            "wall_clock_s": f"{r['wall_clock_s']:.1f} ± {r['wall_clock_s_std']:.1f}",
+            "wall_clock_ratio": r["wall_clock_ratio"], "wall_clock_ratio_of_medians": r["wall_clock_ratio_of_medians"],
+            "time_to_target_s": r["time_to_target_s"],
+            "reached": "-" if r["method"] == "untrained" else f"{r['reached_target']}/{r['seeds']}",
+            "time_to_target_ratio": r["time_to_target_ratio"]})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -483,6 +690,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="default: bf16 autocast (+ channels_last) on CUDA, fp32 on the CPU")
     parser.add_argument("--prior", default="rand", help="RELA's prior (rela.train --prior)")
+    parser.add_argument("--transfer-prior", default=None, metavar="SPEC",
+                        help="also RELA from a prior trained elsewhere at each budget, e.g. run:DIR of a digits run "
+                             "as the prior for a harder dataset")
+    parser.add_argument("--recipe", choices=("project", "reference"), default=None,
+                        help="rela.train --recipe for every run (default: the trainer's, project)")
+    parser.add_argument("--rela-averaging-scale", type=float, default=None, help="rela.train --rela-averaging-scale")
+    parser.add_argument("--monitor-every", type=int, default=None,
+                        help="kNN monitor every N steps (default: the trainer's, each epoch's end)")
+    parser.add_argument("--monitor-size", type=int, default=None, help="kNN monitor's memory bank size")
     parser.add_argument("--budgets", type=float, nargs="+", default=None, help="RELA budgets (default 0.1 0.2 0.5)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per run (default 3, quick 1)")
     parser.add_argument("--epochs", type=int, default=None, help="end-to-end epochs (default: preset's, quick 8)")
@@ -491,6 +707,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tolerance-pp", type=float, default=1.0,
                         help="RELA matches BYOL-100%% when its mean linear-probe accuracy is at most this many "
                              "points lower")
+    parser.add_argument("--target-drop-pp", type=float, default=1.0,
+                        help="time-to-accuracy target: BYOL-100%%'s mean final monitor kNN minus this many points")
     parser.add_argument("--step-warmup", type=int, default=None)
     parser.add_argument("--step-rounds", type=int, default=None, help="interleaved rounds; the median of their medians")
     parser.add_argument("--step-repeats", type=int, default=None, help="steps per method per round")
@@ -562,7 +780,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The dataset's configuration: preset, then what was given here.
     given = {"dataset": args.dataset, "device": args.device, "precision": args.precision, "prior": args.prior}
-    for name in ("data", "arch", "batch_size", "image_size", "epochs", "probe_epochs"):
+    for name in ("data", "arch", "batch_size", "image_size", "epochs", "probe_epochs", "recipe",
+                 "rela_averaging_scale", "monitor_every", "monitor_size"):
         if getattr(args, name) is not None:
             given[name] = getattr(args, name)
     try:
@@ -620,14 +839,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. End to end
     if "e2e" not in args.skip:
-        print(f"end-to-end runs: BYOL-100% and RELA at {', '.join(budget_label(b) for b in args.budgets)}, "
-              f"{args.seeds} seed(s), {cfg.epochs} epochs", flush=True)
+        plan = plan_runs(args.prior, args.budgets, args.transfer_prior)
+        print(f"end-to-end runs per seed: {', '.join(group_label(*p.group) for p in plan)}; {args.seeds} seed(s), "
+              f"{cfg.epochs} epochs, recipe {cfg.recipe}", flush=True)
         base = {k: v for k, v in given.items() if k != "prior"}
         with tempfile.TemporaryDirectory(prefix="rela-throughput-") as work_dir:
-            runs = end_to_end(base, prior=args.prior, budgets=args.budgets, seeds=args.seeds, work_dir=Path(work_dir))
-        table, budgets = summarise_runs(runs, args.tolerance_pp)
-        payload["end_to_end"] = {"runs": runs, "summary": table, "budgets": budgets,
-                                 "headline": headline(budgets, args.tolerance_pp),
+            runs = end_to_end(base, prior=args.prior, budgets=args.budgets, seeds=args.seeds, work_dir=Path(work_dir),
+                              transfer_prior=args.transfer_prior)
+        table, ttt = summarise_runs(runs, args.target_drop_pp)
+        payload["end_to_end"] = {"recipe": cfg.recipe, "prior": args.prior, "transfer_prior": args.transfer_prior,
+                                 "plan": [asdict(p) for p in plan], "runs": runs, "summary": table,
+                                 "time_to_target": ttt, "headline": headline(table, ttt, args.tolerance_pp),
                                  "warning": wall_clock_spread_warning(table)}
         if "target_bank" in payload:
             rela_runs = [r for r in runs if r["method"] == "rela"]
@@ -656,11 +878,13 @@ def main(argv: list[str] | None = None) -> dict:
         path = write_json(args.out / f"{args.name}.json", payload)
         print(f"wrote {path}")
         if "end_to_end" in payload:
-            from benchmarks.throughput_plot import plot_accuracy_vs_wall_clock
-            png = plot_accuracy_vs_wall_clock(payload["end_to_end"]["runs"], args.out / f"{args.name}.png",
-                                              title=f"{cfg.dataset}, {cfg.arch}, {cfg.epochs} epochs, "
-                                                    f"{payload['environment']['device']}",
-                                              tolerance_pp=args.tolerance_pp)
+            from benchmarks.throughput_plot import plot_time_to_accuracy
+            e2e = payload["end_to_end"]
+            png = plot_time_to_accuracy(e2e["runs"], e2e["summary"], e2e["time_to_target"],
+                                        args.out / f"{args.name}.png",
+                                        title=f"{cfg.dataset}, {cfg.arch}, {cfg.epochs} epochs, recipe {cfg.recipe}, "
+                                              f"{payload['environment']['device']}",
+                                        tolerance_pp=args.tolerance_pp)
             print(f"wrote {png}")
     return payload
 
@@ -683,16 +907,22 @@ def report(payload: dict) -> None:
                              "seconds_per_1000_images", "images_per_s", "in_runs_seconds_mean"])
     if "end_to_end" in payload:
         e2e = payload["end_to_end"]
-        print("\n== end-to-end runs (wall_clock_s includes the target bank and the evaluation) ==")
-        print_table(e2e["runs"], ["run", "wall_clock_s", "target_bank_s", "eval_s", "train_steps", "images_seen",
-                                  "rela_phase_end_step", "rela_phase_ended_by", "linear_probe_top1", "knn_top1",
-                                  "load_1min_before", "load_1min_after"])
-        print("\n== wall-clock saving (means over seeds; ratio and deltas against BYOL-100%) ==")
-        print_table(e2e["summary"], ["run", "seeds", "wall_clock_s", "wall_clock_s_std", "wall_clock_s_median",
-                                     "images_seen", "linear_probe_top1", "linear_probe_top1_std", "knn_top1",
-                                     "wall_clock_ratio", "wall_clock_ratio_of_medians", "accuracy_delta", "knn_delta",
-                                     "matches_byol"])
-        print(e2e["headline"])
+        print(f"\n== end-to-end runs, recipe {e2e['recipe']} (wall_clock_s includes the target bank and the "
+              f"evaluation; training_clock_s is it without the kNN monitor; untrained: its evaluation alone) ==")
+        print_table(e2e["runs"], ["run", "prior", "wall_clock_s", "training_clock_s", "target_bank_s", "eval_s",
+                                  "train_steps", "images_seen", "rela_phase_end_step", "rela_phase_ended_by",
+                                  "linear_probe_top1", "knn_top1", "time_to_target_s", "load_1min_before",
+                                  "load_1min_after"])
+        ttt = e2e["time_to_target"]
+        target = "-" if ttt["target_knn_top1"] is None else f"{ttt['target_knn_top1']:.2f}%"
+        print(f"\n== wall-clock saving against honest baselines (mean ± std over seeds, every seed; deltas to "
+              f"BYOL-100% paired by seed; time to monitor kNN {target}, the median over seeds) ==")
+        print_table(summary_display(e2e["summary"]),
+                    ["group", "seeds", "linear", "linear_per_seed", "linear_delta [95% CI]", "knn", "knn_per_seed",
+                     "knn_delta [95% CI]", "wall_clock_s", "wall_clock_ratio", "wall_clock_ratio_of_medians",
+                     "time_to_target_s", "reached", "time_to_target_ratio"])
+        for line in e2e["headline"]:
+            print(line)
         if e2e["warning"]:
             print(e2e["warning"])
     if "projection" in payload:
