@@ -80,6 +80,8 @@ def train(run: Run) -> bool:
     bar = Progress(total=run.schedule.total_steps, desc="train", unit="step", enabled=run.dist.is_main and cfg.progress,
                    initial=state.step)
     window = _Window()
+    if run.monitor is not None and state.step == 0:
+        _monitor(run)  # where every curve starts: the untrained network
     try:
         while state.epoch < cfg.epochs:
             epoch_over = False
