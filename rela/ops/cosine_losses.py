@@ -1,4 +1,4 @@
-"""BYOL's and RELA's negative-cosine losses: references, autograd Functions over the fused kernels, dispatch.
+"""BYOL's and RELA's negative-cosine losses: references, the fused kernels as torch custom ops, dispatch.
 
 Both losses are NUM_PAIRS - sum over pairs of mean_i cos(a_i, b_i) for row pairs (a, b) where only
 `a` is differentiated. BYOL: pairs (p1, z2), (p2, z1); RELA: one pair (y_hat, y). The cosine is
@@ -15,6 +15,8 @@ from rela.ops._dispatch import HAVE_TRITON, INTERPRETED, use_kernels
 
 if HAVE_TRITON:
     from rela.kernels.cosine_loss import cosine_loss_backward, cosine_loss_forward, eps_tensor, ticket_counter
+else:  # use_kernels() then never picks the ops below
+    cosine_loss_forward = cosine_loss_backward = eps_tensor = ticket_counter = None
 
 EPS = 1e-8  # torch.nn.functional.cosine_similarity's default; the kernels take it as an argument
 
