@@ -66,6 +66,7 @@ from benchmarks.prior import interleaved  # noqa: E402
 from benchmarks.timing import environment, print_table, time_fn, write_json  # noqa: E402
 from rela.config import PRESETS, Config, resolve_config  # noqa: E402
 from rela.data.datasets import load_dataset  # noqa: E402
+from rela.data.datasets import DATASETS  # noqa: E402
 from rela.data.factory import build_image_source, choose_loader  # noqa: E402
 from rela.data.loader import TrainBatch  # noqa: E402
 from rela.errors import RelaError  # noqa: E402
@@ -682,7 +683,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="h100: also time ResNet-18 (CIFAR stem, 32 px, batch 512) and ResNet-50 (224 px, "
                              "batch 256), bf16 + channels_last on CUDA")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dataset", default="digits", choices=("digits", "cifar10", "cifar100", "imagefolder"))
+    parser.add_argument("--dataset", default="mnist5k", choices=DATASETS)
     parser.add_argument("--data", default=None, help="data folder (CIFAR, ImageFolder)")
     parser.add_argument("--arch", default=None, help="backbone (default: the dataset preset's)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the dataset preset's")

@@ -18,7 +18,7 @@ def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
 @dataclass
 class Config:
     # What to train on
-    dataset: str = opt("digits", "dataset", ("digits", "mnist5k", "cifar10", "cifar100", "imagefolder"))
+    dataset: str = opt("mnist5k", "dataset", ("digits", "mnist5k", "cifar10", "cifar100", "imagefolder"))
     data: str | None = opt(None, "data folder (CIFAR batches, or an ImageFolder tree with optional train/ and val/)")
     preset: str | None = opt(None, "option preset (defaults to the dataset's; 'imagenet' for ImageNet-1K scale)",
                              ("digits", "mnist5k", "cifar10", "cifar100", "imagefolder", "imagenet"))
@@ -106,10 +106,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                    weight_decay=1e-4, warmup_epochs=2, base_momentum=0.99, proj_hidden=512, proj_dim=128,
                    budget=0.2, workers=0, bank_batch_size=256, knn_k=20, probe_epochs=100, log_every=10,
                    ckpt_every=200),
+    # The default job: 500 steps of real 28x28 digits at 16 px, under 3 minutes on 2 CPU cores. The rule's
+    # averages are 5x shorter than the reference's (--rela-averaging-scale): with the reference's, a RELA loss
+    # that levels off near 0.87 cannot end the phase before ~1,000 steps. Measured (seed 0, scale 5, the RELA
+    # loss of a 500-step run): the rule fires at step ~160.
     "mnist5k": dict(arch="small_resnet", image_size=16, epochs=20, batch_size=32, optimizer="adamw", lr=4e-3,
                     weight_decay=1e-4, warmup_epochs=2, base_momentum=0.99, proj_hidden=512, proj_dim=128,
                     budget=0.2, workers=0, bank_batch_size=256, knn_k=20, probe_epochs=100, log_every=10,
-                    ckpt_every=200),
+                    ckpt_every=200, rela_averaging_scale=5.0, monitor_size=300, monitor_every=50),
     "cifar10": dict(arch="resnet18_cifar", image_size=32, epochs=200, batch_size=256, optimizer="adamw",
                     lr=1e-3, weight_decay=1e-4, warmup_epochs=10, base_momentum=0.99, proj_hidden=2048,
                     proj_dim=256, workers=0, knn_k=200),
