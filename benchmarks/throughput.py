@@ -65,8 +65,7 @@ from benchmarks.loader import batches_forever, take  # noqa: E402
 from benchmarks.prior import interleaved  # noqa: E402
 from benchmarks.timing import environment, print_table, time_fn, write_json  # noqa: E402
 from rela.config import PRESETS, Config, resolve_config  # noqa: E402
-from rela.data.datasets import load_dataset  # noqa: E402
-from rela.data.datasets import DATASETS  # noqa: E402
+from rela.data.datasets import DATASETS, load_dataset  # noqa: E402
 from rela.data.factory import build_image_source, choose_loader  # noqa: E402
 from rela.data.loader import TrainBatch  # noqa: E402
 from rela.errors import RelaError  # noqa: E402
