@@ -209,12 +209,36 @@ def build_networks(cfg: Config, backbone: nn.Module, target_dim: int | None, num
     learner = learner.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     ema = make_ema_updater(learner, fused)  # before the optimiser and DDP: it moves weights into flat buffers
     optimizer = build_optimizer(learner.named_parameters(), cfg.optimizer, peak_learning_rate(cfg), cfg.weight_decay)
-    model: nn.Module = learner
-    if dist.enabled:
-        # In the RELA phase the projector and predictor get no gradient, so DDP must look for unused ones.
-        model = DistributedDataParallel(learner, device_ids=[device.index] if device.type == "cuda" else None,
-                                        find_unused_parameters=rela_map is not None)
+    model = wrap_for_ranks(learner, dist, device, phase="rela" if rela_map is not None else "byol")
     return learner, model, ema, optimizer
+
+
+def wrap_for_ranks(learner: Learner, dist: DistInfo, device: torch.device, phase: str) -> nn.Module:
+    """What the step calls: the learner itself, or DDP around it under torchrun, set for `phase`.
+
+    DDP looks for parameters without a gradient only where there are some: in the RELA phase (projector and
+    predictor), and after it only when W is trainable (BYOL does not use it). That search costs a pass over
+    the graph every step, so the trainer wraps the learner again at the hand-over. broadcast_buffers=False:
+    BN statistics stay each rank's own while training (batch statistics drive the training forward), and
+    rank 0's are broadcast once before evaluation; gradient_as_bucket_view spares a copy of every gradient.
+    """
+    if not dist.enabled:
+        return learner
+    rela_map = learner.rela_map
+    unused = phase == "rela" or (rela_map is not None and rela_map.weight.requires_grad)
+    return DistributedDataParallel(learner, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=unused, broadcast_buffers=False,
+                                   gradient_as_bucket_view=True)
+
+
+def configure_backends(device: torch.device, deterministic: bool) -> None:
+    """What fast PyTorch trainers turn on for CUDA: cuDNN's autotuner (not under --deterministic, which asks
+    for repeatable kernels) and TF32 for float32 matmuls and convolutions. Nothing changes elsewhere."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def peak_learning_rate(cfg: Config) -> float:

@@ -19,7 +19,7 @@ import torch
 from rela.config import Config, config_to_dict, parse_config
 from rela.data.interfaces import TrainBatch
 from rela.errors import RelaError
-from rela.run import Run, build_run, pick_device
+from rela.run import Run, build_run, configure_backends, pick_device, wrap_for_ranks
 from rela.step import train_step
 from rela.summary import evaluate, write_summary
 from rela.utils import distributed as dist_utils
@@ -41,6 +41,7 @@ def run(cfg: Config) -> dict | None:
         device = torch.device("cuda", dist.local_rank)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
+    configure_backends(device, cfg.deterministic)
     torch.manual_seed(cfg.seed)
     run_dir = _run_folder(cfg, dist)
     log = RunLog(run_dir, dist.is_main)
@@ -49,6 +50,7 @@ def run(cfg: Config) -> dict | None:
         resume_from = dist_utils.gather_objects(_resume_path(cfg, run_dir), dist)[0]  # rank 0's choice, for all
         if resume_from is not None:
             restore_checkpoint(r, resume_from)
+            r.model = wrap_for_ranks(r.learner, dist, device, r.state.phase)
             if dist.is_main:
                 log.trim_metrics(after_step=r.state.step)  # rows logged after the checkpoint are logged again
             log.info(f"resumed from {resume_from} at step {r.state.step} (epoch {r.state.epoch}, phase {r.state.phase})")
@@ -193,7 +195,11 @@ def _hand_over(run: Run, ended_by: str) -> None:
     state = run.state
     state.phase, state.rela_phase_end_step, state.rela_phase_ended_by = "byol", state.step, ended_by
     run.loader.set_view_mode("byol")
-    run.log.info(f"RELA phase over at step {state.step} (rho {run.controller.rho.item():.4f}); BYOL from here")
+    if run.dist.enabled:
+        run.model = wrap_for_ranks(run.learner, run.dist, run.device, "byol")
+    run.log.info(f"RELA phase over at step {state.step} (rho {run.controller.rho.item():.4f}); BYOL from here"
+                 + (f"; DDP wrapped again (find_unused_parameters={run.model.find_unused_parameters})"
+                    if run.dist.enabled else ""))
 
 
 class _Window:

@@ -40,7 +40,7 @@ def write_cifar10(root: Path, per_batch: int = 40, seed: int = 0) -> Path:
 
 # --device cpu: the trainer's tests check the trainer, not the machine; on a GPU machine the default (auto)
 # would put 2-rank runs on cuda:1 of a 1-GPU machine. GPU runs are the `gpu`-marked tests' business.
-FAST_ARGS = ["--arch", "small_resnet", "--image-size", "16", "--epochs", "1", "--batch-size", "16",
+FAST_ARGS = ["--dataset", "digits", "--arch", "small_resnet", "--image-size", "16", "--epochs", "1", "--batch-size", "16",
              "--probe-epochs", "5", "--no-progress", "--workers", "0", "--device", "cpu"]
 
 

@@ -39,7 +39,7 @@ def quick_run(tmp_path_factory):
     # --quick as CI runs it, shortened further: 2 epochs, a 3-epoch probe, a small monitor; the ResNet-50
     # projection's step timing is skipped here (project_imagenet has its own test below).
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--quick", "--device", "cpu",
-                             "--epochs", "2", "--probe-epochs", "3", "--monitor-size", "200", "--skip", "projection",
+                             "--dataset", "digits", "--epochs", "2", "--probe-epochs", "3", "--monitor-size", "200", "--skip", "projection",
                              "--transfer-prior", f"run:{prior_run}", "--out", str(out)],
                             cwd=out, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -16,7 +16,8 @@ from rela.utils.progress import RunLog
 
 
 def main(out_path: str, bank_dir: str) -> None:
-    cfg = resolve_config({"arch": "small_resnet", "image_size": 16, "batch_size": 16, "budget": 0.3, "epochs": 2,
+    cfg = resolve_config({"dataset": "digits", "arch": "small_resnet", "image_size": 16, "batch_size": 16,
+                          "budget": 0.3, "epochs": 2,
                           "prior": "none", "device": "cpu", "workers": 0, "progress": False, "bank_dir": bank_dir})
     dist = dist_utils.init_distributed("cpu")
     torch.manual_seed(cfg.seed)

@@ -40,6 +40,7 @@ def test_torchrun_two_ranks_on_cpu_keep_replicas_identical(tmp_path):
     assert summary["images_seen"] == 2 * BudgetSampler(1438, 0.2, 8, seed=0, world_size=2).subset_size
     # Logs come from rank 0 only: each message once.
     assert result.stderr.count("RELA phase over at step") == 1
+    assert "DDP wrapped again (find_unused_parameters=False)" in result.stderr
     assert result.stdout.count("linear_probe_top1=") == 1
 
 
