@@ -90,11 +90,16 @@ class Config:
     device: str = opt("auto", "device", ("auto", "cpu", "cuda"))
     precision: str = opt("auto", "training precision (auto: bf16 autocast on CUDA, fp32 on CPU)", ("auto", "fp32", "bf16"))
     channels_last: bool | None = opt(None, "channels_last memory format (default: on for CUDA)")
+    compile: str = opt("auto", "torch.compile the backbones in place, after the EMA is prepared (auto: on for CUDA)",
+                       ("auto", "on", "off"))
+    compile_backend: str = opt("inductor", "torch.compile backend (e.g. aot_eager to debug a compile problem)")
     fused_ops: str = opt("auto", "Triton fused losses and EMA (auto: on for CUDA)", ("auto", "on", "off"))
     loader: str = opt("auto", "data loader (auto: dali where installed and on a GPU)", ("auto", "torch", "dali"))
     workers: int = opt(4, "decoding workers per rank (file datasets)")
     sync_bn: bool = opt(False, "synchronise BatchNorm statistics across ranks")
-    ckpt_every: int = opt(500, "checkpoint every N steps (and at each epoch end)")
+    ckpt_every: int = opt(500, "checkpoint every N steps (and at each epoch end, unless --ckpt-minutes)")
+    ckpt_minutes: float = opt(0.0, "also checkpoint when this many minutes have passed since the last one (rank 0's "
+                                   "clock, read at logging steps), instead of at every epoch end (0: off)")
     log_every: int = opt(20, "log metrics every N steps")
     stop_after_steps: int | None = opt(None, "stop (with a checkpoint) after this many steps, as if interrupted")
     deterministic: bool = opt(False, "deterministic algorithms (slower; for exact resume checks)")
@@ -203,6 +208,8 @@ def validate(cfg: Config) -> None:
             raise RelaError(f"--rela-phase fraction must be in (0, 1], got {fraction}")
     if cfg.proj_hidden < 0 or cfg.proj_dim < 1:
         raise RelaError("--proj-hidden must be >= 0 (0: twice the backbone width) and --proj-dim >= 1")
+    if cfg.ckpt_minutes < 0:
+        raise RelaError(f"--ckpt-minutes must be >= 0 (0: off), got {cfg.ckpt_minutes}")
     if cfg.monitor_every < 0:
         raise RelaError(f"--monitor-every must be >= 0 (0: each epoch's end), got {cfg.monitor_every}")
     for name in ("epochs", "batch_size", "grad_accum", "image_size", "log_every", "ckpt_every", "bank_batch_size",

@@ -6,6 +6,7 @@ the online probe draw their initial weights from torch's global generator, seede
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from rela.optim import build_optimizer, learning_rate
 from rela.prior.specs import load_prior
 from rela.prior.target_bank import TargetBank, prepare_target_bank
 from rela.step import make_ema_updater
+from rela.utils.checkpoint import CheckpointWriter
 from rela.utils.distributed import DistInfo
 from rela.utils.progress import RunLog
 
@@ -98,6 +100,7 @@ class Run:
     fused: bool | None
     state: TrainState
     segment_start: float = field(default_factory=time.time)  # start of this process's part of the run
+    checkpoints: CheckpointWriter = field(default_factory=CheckpointWriter)  # writes in the background
 
     @property
     def steps_per_epoch(self) -> int:
@@ -208,6 +211,11 @@ def build_networks(cfg: Config, backbone: nn.Module, target_dim: int | None, num
         learner = nn.SyncBatchNorm.convert_sync_batchnorm(learner)
     learner = learner.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     ema = make_ema_updater(learner, fused)  # before the optimiser and DDP: it moves weights into flat buffers
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
+        # In place (Module.compile): parameter names keep no `_orig_mod.` prefix, so checkpoints and
+        # backbone.pt read the same compiled or not. After the EMA's flattening, which swaps storages.
+        for module in (learner.nets.backbone, learner.nets.target_backbone):
+            module.compile(backend=cfg.compile_backend)
     optimizer = build_optimizer(learner.named_parameters(), cfg.optimizer, peak_learning_rate(cfg), cfg.weight_decay)
     model = wrap_for_ranks(learner, dist, device, phase="rela" if rela_map is not None else "byol")
     return learner, model, ema, optimizer
@@ -226,9 +234,14 @@ def wrap_for_ranks(learner: Learner, dist: DistInfo, device: torch.device, phase
         return learner
     rela_map = learner.rela_map
     unused = phase == "rela" or (rela_map is not None and rela_map.weight.requires_grad)
+    # torch 2.14 renames broadcast_buffers (deprecated) to forward_sync_buffers; older ones know only the first.
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGUMENTS
+                      else {"broadcast_buffers": False})
     return DistributedDataParallel(learner, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=unused, broadcast_buffers=False,
-                                   gradient_as_bucket_view=True)
+                                   find_unused_parameters=unused, gradient_as_bucket_view=True, **no_buffer_sync)
+
+
+_DDP_ARGUMENTS = frozenset(inspect.signature(DistributedDataParallel.__init__).parameters)
 
 
 def configure_backends(device: torch.device, deterministic: bool) -> None:

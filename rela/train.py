@@ -96,7 +96,7 @@ def train(run: Run) -> bool:
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
                 if _monitor_due(run, epoch_over):
                     _monitor(run)
-                checkpointed = state.step % cfg.ckpt_every == 0 or epoch_over
+                checkpointed = _checkpoint_due(run, epoch_over)
                 if checkpointed:
                     save_checkpoint(run)
                 if cfg.stop_after_steps is not None and state.step >= cfg.stop_after_steps and state.epoch < cfg.epochs:
@@ -109,6 +109,7 @@ def train(run: Run) -> bool:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
     finally:
         bar.close()
+        run.checkpoints.wait()  # the last checkpoint is on disk before anything reads or resumes from it
     if state.phase == "rela":  # the loss never plateaued: the whole run was the RELA phase
         state.rela_phase_end_step, state.rela_phase_ended_by = state.step, "end of training"
     return True
@@ -163,6 +164,20 @@ def _optimizer_step(run: Run, micro_batches: list[TrainBatch], epoch_over: bool,
         bar.update(0, loss=f"{record['loss']:.4f}", phase=state.phase, rho=f"{record['rho']:.4f}")
         window.reset()
     bar.update(1)
+
+
+def _checkpoint_due(run: Run, epoch_over: bool) -> bool:
+    """Every --ckpt-every steps; and at each epoch end, or with --ckpt-minutes once that long has passed
+    (rank 0's clock decides for every rank, read at logging steps, where the host syncs anyway)."""
+    cfg, step = run.cfg, run.state.step
+    if step % cfg.ckpt_every == 0:
+        return True
+    if cfg.ckpt_minutes <= 0:
+        return epoch_over
+    if step % cfg.log_every:
+        return False
+    due = time.time() - run.checkpoints.last_submitted >= 60 * cfg.ckpt_minutes
+    return dist_utils.broadcast_flag(due, run.device)
 
 
 def _monitor_due(run: Run, epoch_over: bool) -> bool:

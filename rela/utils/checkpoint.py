@@ -9,6 +9,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,13 +100,51 @@ def save_checkpoint(run: "Run") -> Path:
     path = checkpoint_path(run.run_dir, run.state.step)
     if run.dist.is_main:
         train_state = {**run.state.__dict__, "elapsed_s": run.elapsed_s()}
-        atomic_torch_save({"learner": standalone_state_dict(run.learner), "optimizer": run.optimizer.state_dict(),
-                           "controller": run.controller.state_dict(), "loader": loader_states,
-                           "images_seen": images_seen, "train_state": train_state, "config": config_to_dict(run.cfg),
-                           "world_size": run.dist.world_size}, path)
-        prune_checkpoints(run.run_dir)
+        state = cpu_copy({"learner": run.learner.state_dict(), "optimizer": run.optimizer.state_dict(),
+                          "controller": run.controller.state_dict(), "loader": loader_states,
+                          "images_seen": images_seen, "train_state": train_state, "config": config_to_dict(run.cfg),
+                          "world_size": run.dist.world_size})
+        run.checkpoints.submit(state, path, run.run_dir)
     barrier()
     return path
+
+
+def cpu_copy(obj: Any) -> Any:
+    """`obj` with every tensor copied to the CPU, in storage of its own: a snapshot that later steps do not
+    change (the EMA's views into flat buffers become plain tensors that torch.save can write)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, one at a time, from snapshots on the CPU: the step that
+    asked goes on while the file is serialised, fsynced and renamed, and the old ones pruned. `wait()`
+    returns once the last one is on disk, and raises what its write raised."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rela-checkpoint")
+        self._pending: Future | None = None
+        self.last_submitted = time.time()  # the run's start, before any checkpoint
+
+    def submit(self, state: dict, path: Path, run_dir: Path) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self._write, state, path, run_dir)
+        self.last_submitted = time.time()
+
+    @staticmethod
+    def _write(state: dict, path: Path, run_dir: Path) -> None:
+        atomic_torch_save(state, path)
+        prune_checkpoints(run_dir)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
 
 def restore_checkpoint(run: "Run", path: Path) -> None:

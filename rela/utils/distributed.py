@@ -78,6 +78,15 @@ def gather_objects(obj, info: DistInfo) -> list:
     return gathered
 
 
+def broadcast_flag(flag: bool, device: torch.device, src: int = 0) -> bool:
+    """Rank src's `flag`, on every rank (a host sync); the flag itself without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, src)
+    return bool(value.item())
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -51,7 +51,7 @@ def test_ddp_looks_for_unused_parameters_only_where_there_are_some(one_rank_grou
     assert rela.find_unused_parameters  # the projector and predictor get no gradient in the RELA phase
     assert byol.find_unused_parameters == trainable_map  # only a trainable W goes unused in BYOL
     for model in (rela, byol):
-        assert not model.broadcast_buffers and model.gradient_as_bucket_view
+        assert not getattr(model, "forward_sync_buffers", model.broadcast_buffers) and model.gradient_as_bucket_view
     assert wrap_for_ranks(learner, DistInfo(), torch.device("cpu"), "rela") is learner  # one process: no DDP
 
 

@@ -162,3 +162,17 @@ def test_resume_under_torchrun_gives_the_uninterrupted_replicas(tmp_path):
     assert whole["world_size"] == split["world_size"] == 2
     assert split["replica_weight_digests"] == whole["replica_weight_digests"]
     assert split["images_seen"] == whole["images_seen"]
+
+
+def test_ckpt_minutes_replaces_epoch_end_checkpoints_by_time(tmp_path):
+    """With --ckpt-minutes, epoch ends no longer checkpoint: a long interval leaves none (--ckpt-every is
+    out of reach), a tiny one checkpoints at the logging steps."""
+    banks = ["--bank-dir", str(tmp_path / "banks")]
+    args = [*FAST_ARGS, "--epochs", "2", "--budget", "0.1", "--prior", "none", "--ckpt-every", "1000", *banks]
+    assert main([*args, "--out", str(tmp_path / "by-epoch")]) == 0
+    assert latest_checkpoint(tmp_path / "by-epoch").name == "ckpt-000000018.pt"  # the last epoch end
+    assert main([*args, "--ckpt-minutes", "600", "--out", str(tmp_path / "long")]) == 0
+    assert latest_checkpoint(tmp_path / "long") is None
+    assert main([*args, "--ckpt-minutes", "1e-6", "--log-every", "4", "--out", str(tmp_path / "short")]) == 0
+    assert [p.name for p in sorted((tmp_path / "short" / "checkpoints").iterdir())] == [
+        "ckpt-000000012.pt", "ckpt-000000016.pt"]
