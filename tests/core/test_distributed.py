@@ -96,7 +96,8 @@ def test_torchrun_with_an_all_corrupt_micro_batch_on_one_rank_keeps_ranks_in_ste
     # Budget 1.0: training meets every corrupt file of its split, apart from what the bank's pass met.
     assert summary["skipped_corrupt_in_training"] == corrupt_in_train > 0
     assert summary["skipped_corrupt"] == corrupt_in_train
-    # The all-corrupt micro-batch still made a step (black placeholders), so both ranks ran every step.
+    # The all-corrupt micro-batch still made a step (black placeholders), so both ranks ran every step;
+    # corrupt files in mixed batches are dropped from them, so fewer images than the subsets hold.
     sampler = BudgetSampler(train_size, 1.0, 2, seed=seed, world_size=2)
     assert summary["train_steps"] == 2 * sampler.steps_per_epoch
-    assert summary["images_seen"] == 2 * sampler.subset_size
+    assert 2 * (sampler.subset_size - corrupt_in_train) <= summary["images_seen"] < 2 * sampler.subset_size
