@@ -143,7 +143,8 @@ def test_every_baseline_has_a_run_per_seed_with_its_numbers(quick_run):
             continue
         assert r["rela_phase_ended_by"] is None if key[0] == "byol" else r["rela_phase_ended_by"]
         clocks = [point[0] for point in r["monitor"]]
-        assert len(clocks) == 2 and clocks == sorted(clocks), r["run"]  # one per epoch, on a rising clock
+        # the untrained network at step 0, then one per epoch, on a rising clock
+        assert len(clocks) == 3 and clocks == sorted(clocks) and r["monitor"][0][2] == 0, r["run"]
         assert all(finite(point[1]) and 0 <= point[1] <= 100 for point in r["monitor"])
         assert clocks[-1] <= r["training_clock_s"]
 
