@@ -11,7 +11,7 @@ from rela.eval.knn import knn_accuracy
 from rela.eval.linear_probe import linear_probe_accuracy, linear_probe_reference
 from rela.run import Run
 from rela.utils import distributed as dist_utils
-from rela.utils.checkpoint import atomic_torch_save, atomic_write_json, standalone_state_dict
+from rela.utils.checkpoint import atomic_torch_save, atomic_write_json, cpu_copy
 from rela.utils.digest import state_digest
 
 
@@ -69,7 +69,7 @@ def write_summary(run: Run, results: dict) -> dict:
         "device": str(run.device),
     }
     if dist.is_main:
-        atomic_torch_save({"arch": cfg.arch, "state_dict": standalone_state_dict(run.learner.nets.backbone),
+        atomic_torch_save({"arch": cfg.arch, "state_dict": cpu_copy(run.learner.nets.backbone.state_dict()),
                            "image_size": cfg.image_size, "mean": list(run.splits.mean), "std": list(run.splits.std)},
                           run.run_dir / "backbone.pt")
         atomic_write_json(summary, run.run_dir / "summary.json")

@@ -83,13 +83,6 @@ def load_checkpoint(path: Path) -> dict:
         raise RelaError(f"cannot load checkpoint {path}: {err}") from None
 
 
-def standalone_state_dict(module) -> dict:
-    """state_dict() with each tensor in storage of its own. The EMA keeps parameters and buffers as views
-    into shared flat buffers (buffers of mixed dtypes share one int64 word buffer), which torch.save
-    cannot serialise as they are."""
-    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
-
-
 def save_checkpoint(run: "Run") -> Path:
     """Saves what a run needs to continue exactly: the learner (online, target, map, probe), the optimiser,
     the phase controller, every rank's loader (sampler and augmentation RNG) and image count, the step state; and the
