@@ -12,7 +12,8 @@ import copy
 import pytest
 import torch
 
-from rela.ops import byol_loss, byol_loss_reference, ema_update_reference_, prepare_ema_, rela_loss, rela_loss_reference
+from rela.ops import (byol_loss, byol_loss_reference, dino_loss, dino_loss_reference, ema_update_reference_,
+                      prepare_ema_, rela_loss, rela_loss_reference)
 from rela.ops.cosine_losses import EPS
 
 pytestmark = pytest.mark.gpu
@@ -76,6 +77,58 @@ def test_repeated_launches_on_a_side_stream_agree_to_the_bit():
     assert torch.equal(byol_loss(p1, p2, z1, z2).detach(), first)  # the default stream's counter is still sane
 
 
+# DINO: loss relative to max(1, |loss|); teacher_mean relative to max|t|; gradients relative to their natural
+# scale 0.5 / (B * student_temp).
+DINO_TOLERANCE = {torch.float32: {"loss": 1e-5, "mean": 1e-6, "grad": 5e-5},
+                  torch.bfloat16: {"loss": 1e-5, "mean": 1e-6, "grad": 5e-3}}
+DINO_TEMPS = (0.1, 0.04)  # DINO's student and teacher temperatures
+
+
+def _dino_inputs(B, K, dtype, seed, layout="contiguous"):
+    tensors = _inputs(B, K, dtype, seed, layout)
+    center = 0.3 * torch.randn(K, generator=torch.Generator(device="cuda").manual_seed(seed), device="cuda")
+    if layout == "slice":
+        center = torch.stack([center, center], dim=1)[:, 1]  # stride 2
+    return tensors, center
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, K, layout", [(1, 1, "contiguous"), (7, 4099, "contiguous"), (256, 65_536, "contiguous"),
+                                          (33, 1_000, "contiguous"), (130, 4_097, "slice")])
+def test_dino_loss_matches_the_float64_reference_on_the_gpu(B, K, layout, dtype):
+    (s1, s2, t1, t2), center = _dino_inputs(B, K, dtype, seed=B + K, layout=layout)
+    tol = DINO_TOLERANCE[dtype]
+    loss, teacher_mean = dino_loss(s1, s2, t1, t2, center, *DINO_TEMPS)  # auto: the kernels on CUDA tensors
+    grads = torch.autograd.grad(loss, (s1, s2))
+    d = [t.detach().double().requires_grad_(i < 2) for i, t in enumerate((s1, s2, t1, t2))]
+    expected, expected_mean = dino_loss_reference(*d, center.double(), *DINO_TEMPS)
+    expected_grads = torch.autograd.grad(expected, d[:2])
+    assert loss.dtype == teacher_mean.dtype == torch.float32 and teacher_mean.shape == (K,)
+    assert abs(loss.item() - expected.item()) <= tol["loss"] * max(1.0, abs(expected.item()))
+    t_scale = max(t1.abs().max().item(), t2.abs().max().item())
+    assert (teacher_mean.double() - expected_mean).abs().max().item() <= tol["mean"] * t_scale
+    grad_scale = 0.5 / (B * DINO_TEMPS[0])
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert grad.dtype == dtype and grad.shape == (B, K) and torch.isfinite(grad).all()
+        assert (grad.double() - expected_grad).abs().max().item() <= tol["grad"] * grad_scale
+
+
+def test_dino_loss_repeated_launches_on_a_side_stream_agree_to_the_bit():
+    (s1, s2, t1, t2), center = _dino_inputs(256, 65_536, torch.bfloat16, seed=6)
+    first_loss, first_mean = (x.detach() for x in dino_loss(s1, s2, t1, t2, center, *DINO_TEMPS))
+    first_grads = torch.autograd.grad(dino_loss(s1, s2, t1, t2, center, *DINO_TEMPS)[0], (s1, s2))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        results = [dino_loss(s1, s2, t1, t2, center, *DINO_TEMPS) for _ in range(20)]
+        grads = torch.autograd.grad(results[-1][0], (s1, s2))
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert all(torch.equal(loss, first_loss) and torch.equal(mean, first_mean) for loss, mean in results)
+    assert all(torch.equal(g, e) for g, e in zip(grads, first_grads))
+    assert torch.equal(dino_loss(s1, s2, t1, t2, center, *DINO_TEMPS)[0].detach(), first_loss)
+
+
 def test_ema_on_a_resnet50_pair_is_bit_exact_against_foreach():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
@@ -110,10 +163,23 @@ def _op_cases():
         "rela_loss_fwd": (p1, z1, counter, eps),
         "rela_loss_bwd": (p1, z1, rela_stats.detach(), one),
         "ema_lerp_copy": (target, online, *words, torch.tensor(0.99, device="cuda"), 0.0),
+        **_dino_op_cases(),
     }
 
 
-@pytest.mark.parametrize("name", ["byol_loss_fwd", "byol_loss_bwd", "rela_loss_fwd", "rela_loss_bwd", "ema_lerp_copy"])
+def _dino_op_cases():
+    from rela.kernels.dino_loss import num_tickets
+
+    (s1, s2, t1, t2), center = _dino_inputs(37, 1030, torch.bfloat16, seed=8)
+    temps = torch.tensor([1 / DINO_TEMPS[0], 1 / DINO_TEMPS[1]], device="cuda")
+    counters = torch.zeros(num_tickets(37, 1030, s1.device), dtype=torch.int32, device="cuda")
+    _, _, lse = torch.ops.rela.dino_loss_fwd(s1, s2, t1, t2, center, temps, counters)
+    return {"dino_loss_fwd": (s1, s2, t1, t2, center, temps, counters),
+            "dino_loss_bwd": (s1, s2, t1, t2, center, temps, lse.detach(), torch.ones((), device="cuda"))}
+
+
+@pytest.mark.parametrize("name", ["byol_loss_fwd", "byol_loss_bwd", "rela_loss_fwd", "rela_loss_bwd", "ema_lerp_copy",
+                                  "dino_loss_fwd", "dino_loss_bwd"])
 def test_custom_ops_pass_every_opcheck_on_the_gpu(name):
     torch.library.opcheck(getattr(torch.ops.rela, name), _op_cases()[name])
 
@@ -145,3 +211,22 @@ def test_compile_fullgraph_through_the_ops_equals_eager():
     ema_update_reference_(reference, online, momentum)
     for got, expected in zip(target.parameters(), reference.parameters()):
         assert torch.equal(got, expected)
+
+
+def test_compile_fullgraph_through_the_dino_ops_equals_eager():
+    def step(s1, s2, t1, t2, center):
+        loss, teacher_mean = dino_loss(s1, s2, t1, t2, center, *DINO_TEMPS)
+        return loss, 0.9 * center + 0.1 * teacher_mean
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    (s1, s2, t1, t2), center = _dino_inputs(64, 4099, torch.bfloat16, seed=9)
+    loss, new_center = step(s1, s2, t1, t2, center)
+    grads = torch.autograd.grad(loss, (s1, s2))
+    compiled_loss, compiled_center = compiled(s1, s2, t1, t2, center)
+    compiled_grads = torch.autograd.grad(compiled_loss, (s1, s2))
+    assert not compiled_center.requires_grad
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled_center, new_center)
+    for got, expected in zip(compiled_grads, grads):
+        torch.testing.assert_close(got, expected)
