@@ -101,6 +101,8 @@ class Config:
     ckpt_minutes: float = opt(0.0, "also checkpoint when this many minutes have passed since the last one (rank 0's "
                                    "clock, read at logging steps), instead of at every epoch end (0: off)")
     log_every: int = opt(20, "log metrics every N steps")
+    logger: str = opt("jsonl", "where metrics go, a comma list: jsonl (metrics.jsonl, always written), tensorboard "
+                               "(also RUN/tensorboard/ events; pip install tensorboard)")
     stop_after_steps: int | None = opt(None, "stop (with a checkpoint) after this many steps, as if interrupted")
     deterministic: bool = opt(False, "deterministic algorithms (slower; for exact resume checks)")
     progress: bool = opt(True, "show a progress bar on rank 0")
@@ -216,6 +218,8 @@ def validate(cfg: Config) -> None:
                  "eval_batch_size", "knn_k", "probe_epochs", "monitor_size"):
         if getattr(cfg, name) < 1:
             raise RelaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if not cfg.logger or not set(cfg.logger.replace(" ", "").split(",")) <= {"jsonl", "tensorboard"}:
+        raise RelaError(f"--logger takes a comma list of jsonl, tensorboard; got {cfg.logger!r}")
     if cfg.workers < 0:
         raise RelaError(f"--workers must be >= 0, got {cfg.workers}")
     if cfg.resume not in (None, "auto") and not cfg.resume.endswith(".pt"):

@@ -19,6 +19,7 @@ import torch
 from rela.config import Config, config_to_dict, parse_config
 from rela.data.interfaces import TrainBatch
 from rela.errors import RelaError
+from rela.plots import write_curves_logged
 from rela.run import Run, build_run, configure_backends, pick_device, wrap_for_ranks
 from rela.step import train_step
 from rela.summary import evaluate, write_summary
@@ -44,7 +45,7 @@ def run(cfg: Config) -> dict | None:
     configure_backends(device, cfg.deterministic)
     torch.manual_seed(cfg.seed)
     run_dir = _run_folder(cfg, dist)
-    log = RunLog(run_dir, dist.is_main)
+    log = RunLog(run_dir, dist.is_main, loggers=cfg.logger)
     try:
         r = build_run(cfg, dist, device, run_dir, log, start_time)
         resume_from = dist_utils.gather_objects(_resume_path(cfg, run_dir), dist)[0]  # rank 0's choice, for all
@@ -57,8 +58,14 @@ def run(cfg: Config) -> dict | None:
         if dist.is_main:
             atomic_write_json(config_to_dict(cfg), run_dir / "config.json")
         finished = train(r)
-        return write_summary(r, evaluate(r)) if finished else None
+        if not finished:
+            return None
+        summary = write_summary(r, evaluate(r))
+        if dist.is_main:
+            write_curves_logged(run_dir, log)  # curves.png; a plotting error is logged, never raised
+        return summary
     finally:
+        log.close()
         dist_utils.shutdown()
 
 
@@ -92,6 +99,7 @@ def train(run: Run) -> bool:
                 kill_point("after-step", state.step)  # tests: a death between a log row and a checkpoint
                 if state.phase == "rela" and _rela_phase_over(run):
                     _hand_over(run, ended_by="plateau" if run.schedule.rela_end_fixed is None else "fraction")
+                    _log_hand_over(run)
                 if epoch_over:
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
                 if _monitor_due(run, epoch_over):
@@ -157,6 +165,7 @@ def _optimizer_step(run: Run, micro_batches: list[TrainBatch], epoch_over: bool,
                   "step_fn": run.learner.last_step_fn, "views": micro_batches[-1].views,
                   "loss": loss.item(), "probe_loss": probe_loss.item(),
                   "online_probe_top1": 100 * probe_accuracy.item(), "rho": run.controller.rho.item(),
+                  "rela_threshold": run.cfg.rela_threshold,
                   "lr": lr, "momentum": momentum, "images_per_s": window.images / max(elapsed, 1e-9),
                   "data_wait_fraction": window.wait_s / max(elapsed, 1e-9)}
         run.log.metrics(record)
@@ -194,6 +203,14 @@ def _monitor(run: Run) -> None:
     state.monitor_s += time.time() - start
     run.log.metrics({"step": state.step, "epoch": state.epoch, "phase": state.phase, "monitor_knn_top1": accuracy,
                      "wall_clock_s": run.elapsed_s(), "training_clock_s": run.training_clock_s()})
+
+
+def _log_hand_over(run: Run) -> None:
+    """The switch step as a metrics row (TensorBoard's rela/switch_step, curves.png's marker)."""
+    state = run.state
+    run.log.metrics({"step": state.step, "epoch": state.epoch, "phase": state.phase,
+                     "rela_phase_end_step": state.rela_phase_end_step, "rela_phase_ended_by": state.rela_phase_ended_by,
+                     "wall_clock_s": run.elapsed_s()})
 
 
 def _rela_phase_over(run: Run) -> bool:

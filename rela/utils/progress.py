@@ -1,4 +1,5 @@
-"""Progress and logs on rank 0 only: a bar with rate and ETA, one-line messages, metrics.jsonl."""
+"""Progress and logs on rank 0 only: a bar with rate and ETA, one-line messages, metrics.jsonl (always) and,
+with --logger tensorboard, the same rows as TensorBoard scalars (rela/utils/tensorboard.py)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from rela.errors import RelaError
 from rela.utils.checkpoint import atomic_write_bytes
 
 
@@ -28,12 +30,20 @@ class Progress:
 
 
 class RunLog:
-    """Messages to stderr and metrics lines to metrics.jsonl, from rank 0 only."""
+    """Messages to stderr and metrics rows to metrics.jsonl, from rank 0 only; each row also goes to the
+    other sinks `loggers` names ("tensorboard": RUN/tensorboard/ events)."""
 
-    def __init__(self, run_dir: Path | None, enabled: bool):
+    def __init__(self, run_dir: Path | None, enabled: bool, loggers: str = "jsonl"):
         self.enabled = enabled
         self.metrics_path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
         self.start = time.time()
+        self.sinks = []
+        if "tensorboard" in parse_loggers(loggers):
+            from rela.utils.tensorboard import TensorBoardSink, require_tensorboard
+
+            require_tensorboard()  # on every rank, so that all stop alike
+            if enabled and run_dir is not None:
+                self.sinks.append(TensorBoardSink(Path(run_dir) / "tensorboard", start_time=self.start))
 
     def info(self, message: str) -> None:
         if self.enabled:
@@ -47,8 +57,29 @@ class RunLog:
         kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= after_step]
         if len(kept) != len(rows):
             atomic_write_bytes(self.metrics_path, "".join(r + "\n" for r in kept).encode())
+        for sink in self.sinks:
+            sink.purge_after(after_step)
 
     def metrics(self, record: dict) -> None:
         if self.enabled and self.metrics_path is not None:
             with open(self.metrics_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            for sink in self.sinks:
+                sink.write(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+LOGGERS = ("jsonl", "tensorboard")
+
+
+def parse_loggers(value: str) -> list[str]:
+    """--logger's comma list: 'jsonl', 'tensorboard' or 'jsonl,tensorboard' (metrics.jsonl is always written:
+    the summary, curves.png and resumes read it)."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in LOGGERS]
+    if unknown or not names:
+        raise RelaError(f"--logger takes a comma list of {', '.join(LOGGERS)}; got {value!r}")
+    return names
