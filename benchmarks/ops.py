@@ -1,10 +1,12 @@
-"""Are the fused ops faster than what they replace? BYOL/RELA loss forward+backward and the EMA step.
+"""Are the fused ops faster than what they replace? BYOL/RELA/DINO loss forward+backward and the EMA step.
 
     python benchmarks/ops.py [--out DIR] [--device cuda|cpu] [--quick]
 
 Each op is timed against its pure-torch reference run eagerly, the same reference under
 torch.compile, and for the EMA `torch._foreach_lerp_` + `torch._foreach_copy_` over prebuilt lists
-(the strongest eager form), all in one run. The EMA also reports its achieved bandwidth against a
+(the strongest eager form), all in one run. The DINO loss (two crops, K-wide heads) reports the bandwidth
+its forward+backward would need at the least (read s1, s2, t1, t2 twice, write both gradients) against
+the measured device copy. The EMA also reports its achieved bandwidth against a
 measured device copy (`dst.copy_(src)` of a large tensor, timed the same way). On the CPU the Triton
 kernels do not run (only Triton's interpreter could run them there); the baselines still are timed
 so this script keeps working. A benchmark reports, it never asserts: the H100 goals are printed as
@@ -24,11 +26,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import environment, print_table, time_fn, write_json  # noqa: E402
-from rela.ops import (byol_loss, byol_loss_reference, ema_update_reference_, prepare_ema_,  # noqa: E402
-                      rela_loss, rela_loss_reference)
+from rela.ops import (byol_loss, byol_loss_reference, dino_loss, dino_loss_reference,  # noqa: E402
+                      ema_update_reference_, prepare_ema_, rela_loss, rela_loss_reference)
 
 WIDTH = 256
 BATCHES = (256, 1024, 4096)
+# DINO's head width is 65,536; the CPU times the baselines at a small width.
+DINO_SHAPES = {"cuda": ((256, 65_536), (64, 65_536), (256, 4_096)), "cpu": ((64, 4_096),)}
+DINO_TEMPS = (0.1, 0.04)  # student, teacher (DINO's)
 MOMENTUM = 0.996
 GOALS = {  # on an H100
     "byol_loss": {"vs_eager": 3.0, "vs_compile": 1.2},
@@ -83,6 +88,40 @@ def bench_losses(device, dtypes, batches, timing, fused_ok, rows, notes):
                     rows.append({"op": op, "shape": shape, "impl": name, "median_ms": ms,
                                  "vs_eager": times["eager"] / ms,
                                  "vs_compile": times["compile"] / ms if "compile" in times else None})
+
+
+def bench_dino(device, dtypes, shapes, timing, fused_ok, rows, notes):
+    """DINO's loss forward+backward: the loss, the teacher mean and the students' gradients."""
+    for dtype in dtypes:
+        for batch, width in shapes:
+            generator = torch.Generator(device=device).manual_seed(width)
+            s1, s2, t1, t2 = (torch.randn(batch, width, device=device, dtype=dtype, generator=generator,
+                                          requires_grad=i < 2) for i in range(4))
+            center = torch.zeros(width, device=device)
+            shape = f"{batch}x{width} {str(dtype).removeprefix('torch.')}"
+
+            def fwd_bwd_dino(fn):
+                def run():
+                    loss, _ = fn(s1, s2, t1, t2, center, *DINO_TEMPS)
+                    torch.autograd.grad(loss, (s1, s2))
+                return run
+
+            candidates = {"eager": dino_loss_reference}
+            compiled, error = try_compile(dino_loss_reference, lambda f: fwd_bwd_dino(f)())
+            if compiled is not None:
+                candidates["compile"] = compiled
+            else:
+                notes.append(f"dino_loss {shape}: torch.compile failed: {error}")
+            if fused_ok:
+                candidates["fused"] = lambda *a: dino_loss(*a, fused=True)
+            times = {name: time_fn(fwd_bwd_dino(fn), device=device, **timing)["median_ms"]
+                     for name, fn in candidates.items()}
+            least_bytes = 10 * batch * width * s1.element_size()  # 4 inputs read twice, 2 gradients written
+            for name, ms in times.items():
+                rows.append({"op": "dino_loss", "shape": shape, "impl": name, "median_ms": ms,
+                             "vs_eager": times["eager"] / ms,
+                             "vs_compile": times["compile"] / ms if "compile" in times else None,
+                             "GB/s": least_bytes / (ms * 1e-3) / 1e9})
 
 
 def copy_bandwidth_gbps(device, numel, timing) -> float:
@@ -181,7 +220,13 @@ def main(argv=None) -> dict:
         notes.append("fused kernels not timed: they need a GPU (on the CPU only Triton's interpreter runs them)")
 
     bench_losses(device, dtypes, BATCHES, timing, fused_ok, rows, notes)
+    # --quick: DINO's own shape only (each shape and dtype costs a torch.compile of the reference).
+    dino_shapes = DINO_SHAPES[device.type][:1] if args.quick else DINO_SHAPES[device.type]
+    bench_dino(device, dtypes, dino_shapes, timing, fused_ok, rows, notes)
     ema_info = bench_ema(device, timing, fused_ok, rows, notes)
+    for row in rows:
+        if row["op"] == "dino_loss":
+            row["of_copy_bw"] = row["GB/s"] / ema_info["copy_bandwidth_gbps"]
     goals = goal_report(rows)
 
     print_table(rows, ["op", "shape", "impl", "median_ms", "vs_eager", "vs_compile", "vs_foreach", "GB/s",
