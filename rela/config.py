@@ -103,6 +103,8 @@ class Config:
     log_every: int = opt(20, "log metrics every N steps")
     logger: str = opt("jsonl", "where metrics go, a comma list: jsonl (metrics.jsonl, always written), tensorboard "
                                "(also RUN/tensorboard/ events; pip install tensorboard)")
+    logger: str = opt("jsonl", "where metrics go, a comma list: jsonl (metrics.jsonl, always written), tensorboard "
+                               "(also RUN/tensorboard/ events; pip install tensorboard)")
     stop_after_steps: int | None = opt(None, "stop (with a checkpoint) after this many steps, as if interrupted")
     deterministic: bool = opt(False, "deterministic algorithms (slower; for exact resume checks)")
     progress: bool = opt(True, "show a progress bar on rank 0")
@@ -173,9 +175,25 @@ def _value_type(hint: Any) -> Any:
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    args = vars(build_parser().parse_args(argv))
+    """The options from the command line, over --config FILE's (rela/config_files.py); --print-config prints
+    them with their sources and exits, as --help does."""
+    from rela.config_files import format_config, load_config_file, option_sources
+
+    parser = build_parser()
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="options from a YAML or JSON file (a run's config.json repeats it); flags override it")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved options and where each came from (default, preset, recipe, "
+                             "file, flag), as YAML that --config reads, and exit")
+    args = vars(parser.parse_args(argv))
+    config_file, print_config = args.pop("config"), args.pop("print_config")
     given = {k: v for k, v in args.items() if v is not None}
-    return resolve_config(given)
+    file_values = load_config_file(config_file) if config_file else {}
+    cfg = resolve_config({**file_values, **given})
+    if print_config:
+        print(format_config(cfg, option_sources(file_values, given, config_file)))
+        raise SystemExit(0)
+    return cfg
 
 
 def resolve_config(given: dict[str, Any]) -> Config:
@@ -218,6 +236,8 @@ def validate(cfg: Config) -> None:
                  "eval_batch_size", "knn_k", "probe_epochs", "monitor_size"):
         if getattr(cfg, name) < 1:
             raise RelaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if not cfg.logger or not set(cfg.logger.replace(" ", "").split(",")) <= {"jsonl", "tensorboard"}:
+        raise RelaError(f"--logger takes a comma list of jsonl, tensorboard; got {cfg.logger!r}")
     if not cfg.logger or not set(cfg.logger.replace(" ", "").split(",")) <= {"jsonl", "tensorboard"}:
         raise RelaError(f"--logger takes a comma list of jsonl, tensorboard; got {cfg.logger!r}")
     if cfg.workers < 0:
