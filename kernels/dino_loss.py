@@ -268,22 +268,25 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _target_programs(device: torch.device) -> int:
+def _launch_shape(device: torch.device) -> tuple[int, int]:
+    """(programs to aim for, elements per input tile) on `device`."""
     if device.type != "cuda":
-        return 16  # Triton's interpreter runs programs one after the other: few, wide ones
+        # Triton's interpreter runs the programs one after the other, each operation costing about the
+        # same however wide: few programs, wide tiles.
+        return 16, 8192
     sms = _num_sms.get(device)
     if sms is None:
         sms = _num_sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return 4 * sms
+    return 4 * sms, 2048
 
 
 @functools.lru_cache(maxsize=256)
-def _fwd_blocks(B: int, K: int, target_programs: int) -> tuple[int, int, int, int, int]:
+def _fwd_blocks(B: int, K: int, target_programs: int, tile: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_B, BLOCK_K, CHUNK_K, row blocks, column chunks) of the forward."""
-    # Tiles of about 2048 elements per input; up to 16 rows, so that the column sums written per row
-    # block (row blocks x K floats) stay small against the inputs (B x K each).
+    # Up to 16 rows per tile, so that the column sums written per row block (row blocks x K floats) stay
+    # small against the inputs (B x K each).
     block_b = min(_pow2(B), 16)
-    block_k = max(16, min(_pow2(K), 2048 // block_b))
+    block_k = max(16, min(_pow2(K), tile // block_b))
     row_blocks = _cdiv(B, block_b)
     # Enough column chunks to fill the device, each a whole number of BLOCK_K steps.
     chunks = max(1, min(_cdiv(target_programs, row_blocks), _cdiv(K, block_k)))
@@ -293,7 +296,7 @@ def _fwd_blocks(B: int, K: int, target_programs: int) -> tuple[int, int, int, in
 
 def num_tickets(B: int, K: int, device: torch.device) -> int:
     """How many int32 ticket counters the forward launch for (B, K) inputs on `device` uses."""
-    _, _, _, row_blocks, chunks = _fwd_blocks(B, K, _target_programs(device))
+    _, _, _, row_blocks, chunks = _fwd_blocks(B, K, *_launch_shape(device))
     return chunks + row_blocks + 1
 
 
@@ -327,7 +330,7 @@ def dino_loss_forward(s1, s2, t1, t2, center, temps: torch.Tensor, counters: tor
     B, K = int(s1.shape[0]), int(s1.shape[1])
     device = s1.device
     acc = _acc_dtype(s1, s2, t1, t2, center)
-    block_b, block_k, chunk_k, row_blocks, chunks = _fwd_blocks(B, K, _target_programs(device))
+    block_b, block_k, chunk_k, row_blocks, chunks = _fwd_blocks(B, K, *_launch_shape(device))
     if counters.numel() < chunks + row_blocks + 1:
         raise ValueError(f"dino_loss_forward needs {chunks + row_blocks + 1} ticket counters, got {counters.numel()}")
     partial_cols = torch.empty((row_blocks, K), dtype=acc, device=device)
@@ -347,9 +350,9 @@ def dino_loss_forward(s1, s2, t1, t2, center, temps: torch.Tensor, counters: tor
 
 
 @functools.lru_cache(maxsize=256)
-def _bwd_blocks(B: int, K: int) -> tuple[int, int, int]:
-    block_k = min(_pow2(K), 1024)
-    block_b = max(1, min(_pow2(B), 2048 // block_k))
+def _bwd_blocks(B: int, K: int, tile: int) -> tuple[int, int, int]:
+    block_k = max(16, min(_pow2(K), tile // 2))
+    block_b = max(1, min(_pow2(B), tile // block_k))
     return block_b, block_k, 8 if block_b * block_k >= 2048 else 4
 
 
@@ -363,7 +366,7 @@ def dino_loss_backward(s1, s2, t1, t2, center, temps: torch.Tensor, lse: torch.T
     B, K = int(s1.shape[0]), int(s1.shape[1])
     grad_s1 = torch.empty((B, K), dtype=s1.dtype, device=s1.device)
     grad_s2 = torch.empty((B, K), dtype=s2.dtype, device=s2.device)
-    block_b, block_k, num_warps = _bwd_blocks(B, K)
+    block_b, block_k, num_warps = _bwd_blocks(B, K, _launch_shape(s1.device)[1])
     wrap(dino_loss_bwd_kernel)[(_cdiv(B, block_b), _cdiv(K, block_k))](
         s1, s2, t1, t2, center, *s1.stride(), *s2.stride(), *t1.stride(), *t2.stride(), center.stride(0),
         temps, lse, grad_loss, grad_s1, grad_s2, B, K,

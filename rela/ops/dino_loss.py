@@ -85,7 +85,9 @@ def _dino_loss_fwd(s1: torch.Tensor, s2: torch.Tensor, t1: torch.Tensor, t2: tor
 
 @triton_op("rela::dino_loss_bwd", mutates_args=())
 def _dino_loss_bwd(s1: torch.Tensor, s2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, center: torch.Tensor,
-                   temps: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   temps: torch.Tensor, lse: torch.Tensor,
+                   grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_s1, grad_s2) in the students' dtypes; lse: the forward's; grad_loss: 0-dim upstream gradient."""
     return tuple(dino_loss_backward(s1, s2, t1, t2, center, temps, lse, grad_loss, _wrap))
 
 
