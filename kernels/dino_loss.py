@@ -234,14 +234,17 @@ def dino_loss_bwd_kernel(
     inv_tt = tl.load(temps_ptr + 1)
     scale = tl.load(grad_loss_ptr).to(ACC) * 0.5 / B * inv_ts
     lse = lse_ptr + rows.to(tl.int64) * 4
-    # Rows past B: exp(x - inf) = 0, so even the lanes that are never stored stay finite.
+    # Lanes outside (B, K) are never stored; they still compute exp(-inf) = 0, not an overflow: rows past B
+    # read log-sum-exps of +inf, columns past K students of -inf and a center of +inf.
     lse_z1 = tl.load(lse, mask=row_mask, other=float("inf"))[:, None]
     lse_z2 = tl.load(lse + 1, mask=row_mask, other=float("inf"))[:, None]
     lse_u1 = tl.load(lse + 2, mask=row_mask, other=float("inf"))[:, None]
     lse_u2 = tl.load(lse + 3, mask=row_mask, other=float("inf"))[:, None]
-    c = tl.load(center_ptr + cols.to(tl.int64) * stride_c, mask=col_mask, other=0.0).to(ACC)[None, :]
-    z1 = tl.load(s1_ptr + rows64 * stride_s1_row + cols64 * stride_s1_col, mask=mask, other=0.0).to(ACC) * inv_ts
-    z2 = tl.load(s2_ptr + rows64 * stride_s2_row + cols64 * stride_s2_col, mask=mask, other=0.0).to(ACC) * inv_ts
+    c = tl.load(center_ptr + cols.to(tl.int64) * stride_c, mask=col_mask, other=float("inf")).to(ACC)[None, :]
+    z1 = tl.load(s1_ptr + rows64 * stride_s1_row + cols64 * stride_s1_col, mask=mask,
+                 other=float("-inf")).to(ACC) * inv_ts
+    z2 = tl.load(s2_ptr + rows64 * stride_s2_row + cols64 * stride_s2_col, mask=mask,
+                 other=float("-inf")).to(ACC) * inv_ts
     t1 = tl.load(t1_ptr + rows64 * stride_t1_row + cols64 * stride_t1_col, mask=mask, other=0.0).to(ACC)
     t2 = tl.load(t2_ptr + rows64 * stride_t2_row + cols64 * stride_t2_col, mask=mask, other=0.0).to(ACC)
     q1 = tl.exp((t1 - c) * inv_tt - lse_u1)
