@@ -17,7 +17,9 @@ what the programs wrote, each in a fixed order (deterministic, no float atomics,
 - per row block, the last of its column chunks merges the chunks' softmax statistics, stores each row's
   four log-sum-exps (lse of z_1, z_2, u_1, u_2) for the backward and adds the rows' losses;
 - the last row block to finish adds the row blocks' losses -> loss.
-Each counter is set back to zero by its last taker, so the counters are zero between launches.
+Each counter is set back to zero by its last taker, so the counters are zero between launches. Beyond the
+inputs, the forward writes and reads back one float row of column sums per row block (B / 16 x K on CUDA,
+1/16 of a float32 input; in L2 at DINO's sizes) and 10 floats per row and column chunk.
 
 Backward: one pass over (row, column) tiles reads s1, s2, t1, t2 and the four log-sum-exps per row and
 writes both gradients: softmax(z_b) = exp(z_b - lse(z_b)), q_a = exp(u_a - lse(u_a)).
