@@ -1,5 +1,5 @@
 """The end of a run: `evaluate(run)` (linear probe and kNN on frozen backbone features) and
-`write_summary(run, results)` (summary.json, backbone.pt, the closing log line)."""
+`write_summary(run, results)` (summary.json, backbone.pt and backbone.safetensors, the closing log line)."""
 from __future__ import annotations
 
 import time
@@ -7,8 +7,8 @@ import time
 from rela.data.factory import build_image_source
 from rela.data.views import Normalize
 from rela.eval.features import extract_features
-from rela.eval.knn import knn_accuracy
-from rela.eval.linear_probe import linear_probe_accuracy, linear_probe_reference
+from rela.eval.frozen import probe_and_knn
+from rela.models.export import write_backbone_safetensors
 from rela.run import Run
 from rela.utils import distributed as dist_utils
 from rela.utils.checkpoint import atomic_torch_save, atomic_write_json, cpu_copy
@@ -34,18 +34,10 @@ def evaluate(run: Run) -> dict:
                   dist=run.dist, autocast_dtype=run.autocast_dtype, show_progress=cfg.progress)
     train_x, train_y = extract_features(backbone, run.train_source, **common)
     val_x, val_y = extract_features(backbone, val_source, **common)
-    num_classes = run.splits.num_classes
-    if cfg.probe_protocol == "reference":
-        linear, linear_std = linear_probe_reference(train_x, train_y, val_x, val_y, num_classes,
-                                                    epochs=cfg.probe_epochs, seed=cfg.seed)
-    else:
-        linear, linear_std = linear_probe_accuracy(train_x, train_y, val_x, val_y, num_classes,
-                                                   epochs=cfg.probe_epochs, seed=cfg.seed), None
-    knn = knn_accuracy(train_x, train_y, val_x, val_y, num_classes, k=cfg.knn_k, temperature=cfg.knn_temperature)
-    return {"linear_probe_top1": 100 * linear, "probe_protocol": cfg.probe_protocol,
-            # the reference protocol's spread over its last 3 epochs (None for the project's single number)
-            "linear_probe_top1_std": None if linear_std is None else 100 * linear_std,
-            "knn_top1": 100 * knn, "eval_s": time.time() - start, **digests}
+    results = probe_and_knn(train_x, train_y, val_x, val_y, run.splits.num_classes, protocol=cfg.probe_protocol,
+                            probe_epochs=cfg.probe_epochs, seed=cfg.seed, knn_k=cfg.knn_k,
+                            knn_temperature=cfg.knn_temperature)
+    return {**results, "eval_s": time.time() - start, **digests}
 
 
 def write_summary(run: Run, results: dict) -> dict:
@@ -72,6 +64,7 @@ def write_summary(run: Run, results: dict) -> dict:
         atomic_torch_save({"arch": cfg.arch, "state_dict": cpu_copy(run.learner.nets.backbone.state_dict()),
                            "image_size": cfg.image_size, "mean": list(run.splits.mean), "std": list(run.splits.std)},
                           run.run_dir / "backbone.pt")
+        write_backbone_safetensors(run.run_dir / "backbone.pt")  # the same weights, for users without rela
         atomic_write_json(summary, run.run_dir / "summary.json")
         run.log.info(f"linear probe top-1 {summary['linear_probe_top1']:.2f}%, kNN top-1 {summary['knn_top1']:.2f}%, "
                      f"{summary['wall_clock_s']:.1f}s, {state.step} steps, {images_seen} images"
