@@ -29,12 +29,14 @@ class Config:
     val_fraction: float = opt(0.2, "held-out fraction for validation when the data has no val split")
     skip_corrupt: bool = opt(False, "skip images that fail to decode (and report how many) instead of stopping")
     # What to train
-    arch: str = opt("resnet50", "backbone: resnet18, resnet50, resnet18_cifar, resnet50_cifar, small_resnet")
+    arch: str = opt("resnet50", "backbone: resnet18, resnet50, resnet18_cifar, resnet50_cifar, small_resnet, or "
+                                "timm:NAME (any timm model, randomly initialised; pip install timm)")
     method: str = opt("byol", "self-supervised method of the SSL phase", ("byol",))
     proj_hidden: int = opt(4096, "projector/predictor hidden width (0: twice the backbone's width, the reference's)")
     proj_dim: int = opt(256, "projection width")
     # RELA
-    prior: str = opt("rand", "prior: none | rand | torchvision:NAME[:WEIGHTS.pth] | torchscript:PATH | run:DIR")
+    prior: str = opt("rand", "prior: none | rand | torchvision:NAME[:WEIGHTS.pth] | timm:NAME[:WEIGHTS.safetensors|.pth] "
+                             "| torchscript:PATH | run:DIR")
     prior_size: int | None = opt(None, "prior input size (default: 224 for torchvision/torchscript priors, "
                                        "the training size for rand, the run's size for run:)")
     prior_seed: int | None = opt(None, "seed of a randomly initialised prior (default: --seed, so that --prior rand "

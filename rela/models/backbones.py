@@ -1,7 +1,8 @@
 """Backbones by name. Each returns a module mapping (B, 3, H, W) images to pooled features (B, width)
-and has the attribute `feature_dim`."""
+and has the attribute `feature_dim`. Besides the names of BACKBONES, `timm:NAME` builds a model of timm's."""
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -74,11 +75,31 @@ BACKBONES: dict[str, Callable[[], nn.Module]] = {
 
 
 def build_backbone(name: str, seed: int | None = None) -> nn.Module:
-    """A freshly initialised backbone; with `seed`, initialised from that seed alone (the rand prior)."""
-    if name not in BACKBONES:
-        raise RelaError(f"unknown architecture {name!r}; choose one of {', '.join(BACKBONES)}")
+    """A freshly initialised backbone; with `seed`, initialised from that seed alone (the rand prior).
+    `timm:NAME` is any model of timm's zoo, without its classifier (see timm_model)."""
+    if name.startswith("timm:"):
+        make = functools.partial(timm_model, name.removeprefix("timm:"), what=f"--arch {name}")
+    elif name in BACKBONES:
+        make = BACKBONES[name]
+    else:
+        raise RelaError(f"unknown architecture {name!r}; choose one of {', '.join(BACKBONES)} or timm:NAME")
     if seed is None:
-        return BACKBONES[name]()
+        return make()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return BACKBONES[name]()
+        return make()
+
+
+def timm_model(name: str, what: str) -> nn.Module:
+    """timm's `name`, randomly initialised (nothing is downloaded), returning pooled features: num_classes=0
+    removes the classifier, and `feature_dim` is timm's num_features. A ViT's input size is fixed when it
+    is built (timm's img_size, 224 for *_224 models): train it at that --image-size."""
+    try:
+        import timm
+    except ImportError:
+        raise RelaError(f"{what} needs the timm package: pip install 'rela[timm]' (or pip install timm)") from None
+    if not timm.is_model(name):
+        raise RelaError(f"{what}: timm has no model {name!r} (timm.list_models('*PATTERN*') lists them)")
+    net = timm.create_model(name, pretrained=False, num_classes=0)
+    net.feature_dim = net.num_features
+    return net

@@ -3,6 +3,7 @@
   none                          plain BYOL, no RELA phase
   rand                          the student's architecture, freshly initialised from --prior-seed
   torchvision:NAME[:WEIGHTS]    a torchvision architecture, random (seeded) or with a state-dict file
+  timm:NAME[:WEIGHTS]           a timm model, random (seeded) or with a .safetensors/.pth file (timm_prior.py)
   torchscript:PATH              a TorchScript module; encode_image() is called when it has one (CLIP)
   run:DIR                       the backbone of a run of this trainer
 """
@@ -94,6 +95,11 @@ def load_prior(spec: str, *, arch: str, image_size: int, seed: int, prior_size: 
             fingerprint = f"torchvision:{name}:random:seed={seed}"
         net = _strip_classifier(net, name)
         return Prior(spec, _freeze(_Features(net)), prior_size or 224, IMAGENET_MEAN, IMAGENET_STD, fingerprint)
+    if kind == "timm" and rest:
+        from rela.prior.timm_prior import load_timm_prior
+
+        net, size, mean, std, fingerprint = load_timm_prior(spec, rest, seed)
+        return Prior(spec, _freeze(_Features(net)), prior_size or size, mean, std, fingerprint)
     if kind == "torchscript" and rest:
         path = Path(rest)
         module = _load_file(path, spec, lambda p: torch.jit.load(str(p), map_location="cpu"))
@@ -103,7 +109,7 @@ def load_prior(spec: str, *, arch: str, image_size: int, seed: int, prior_size: 
                      f"torchscript:sha256={file_digest(path)}")
     if kind == "run" and rest:
         return _load_run_prior(spec, Path(rest), prior_size)
-    raise RelaError(f"unknown --prior {spec!r}; use none, rand, torchvision:NAME[:WEIGHTS.pth], "
+    raise RelaError(f"unknown --prior {spec!r}; use none, rand, torchvision:NAME[:WEIGHTS.pth], timm:NAME[:WEIGHTS], "
                     "torchscript:PATH or run:DIR")
 
 
