@@ -72,17 +72,28 @@ class FileImages:
         # that does not keep mtimes (cp without -p), or a touch, rebuilds the bank once.
         digest = hashlib.sha256()
         for rel, label in zip(self.files, self.labels.tolist()):
-            stat = os.stat(self.root / rel)
-            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\0{label}\n".encode())
+            try:
+                stat = os.stat(self.root / rel)
+                size, mtime = stat.st_size, stat.st_mtime_ns
+            except OSError:  # a broken link or a link loop: the loaders name it (or skip it)
+                size, mtime = -1, -1
+            # surrogateescape: a file name that is not UTF-8 hashes as its bytes on disk.
+            digest.update(f"{rel}\0{size}\0{mtime}\0{label}\n".encode(errors="surrogateescape"))
         return f"{self.name}:files:{len(self.files)}:{digest.hexdigest()[:16]}"
 
     def subset(self, indices: np.ndarray, name: str) -> "FileImages":
         return FileImages(self.root, [self.files[i] for i in indices], self.labels[indices], name)
 
 
+def shown(path) -> str:
+    """`path` for a message: a name that is not UTF-8 (kept by Python as surrogates, which a strict stream
+    cannot write) shows its odd bytes as \\x escapes."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class CorruptImageError(RelaError):
     def __init__(self, path: Path, reason: str):
-        super().__init__(f"cannot decode image {path}: {reason} (pass --skip-corrupt to skip such files)")
+        super().__init__(f"cannot decode image {shown(path)}: {shown(reason)} (pass --skip-corrupt to skip such files)")
         self.path = path
 
 
@@ -94,10 +105,23 @@ def decode_image(path: Path, draft_size: int | None = None) -> np.ndarray:
             if draft_size is not None and image.format == "JPEG":
                 # JPEG's DCT scaling decodes at 1/2, 1/4 or 1/8 size for a fraction of the cost.
                 image.draft("RGB", (draft_size, draft_size))
-            return np.asarray(image.convert("RGB"))
+            return _to_rgb(image)
     except Exception as err:  # PIL reports bad data as OSError, ValueError, EOFError, struct.error,
         # DecompressionBombError...: whatever it is, the file is unusable and the user needs its name.
         raise CorruptImageError(path, str(err) or type(err).__name__) from None
+
+
+def _to_rgb(image) -> np.ndarray:
+    """uint8 HWC RGB of any PIL mode. PIL's own conversion clips 16-bit (I;16, I) and float (F) grey levels
+    at 255, so a 16-bit PNG would come out white: those are scaled to 8 bits here instead (I;16 and I as
+    0..65535, F as 0..1), as DALI's decoder does. Everything else (L, P, CMYK, RGBA, LA, 1, ...) is PIL's
+    conversion; alpha is dropped."""
+    if image.mode.startswith("I") or image.mode == "F":
+        levels = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if image.mode == "F" else 255.0 / 65535.0
+        grey = np.clip(np.rint(levels * scale), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
 
 
 @dataclass
@@ -143,7 +167,11 @@ def _existing_folder(path: str | None, dataset: str) -> Path:
     folder = Path(path)
     if not folder.is_dir():
         raise RelaError(f"data folder {folder} does not exist")
-    if not any(folder.iterdir()):
+    try:
+        empty = not any(folder.iterdir())
+    except OSError as err:
+        raise RelaError(f"cannot list data folder {folder}: {err.strerror or err}") from None
+    if empty:
         raise RelaError(f"data folder {folder} is empty")
     return folder
 
@@ -184,16 +212,30 @@ def _load_cifar(name: str, folder: Path, split_seed: int, val_fraction: float) -
     test_file = folder / ("test_batch" if name == "cifar10" else "test")
     label_key = b"labels" if name == "cifar10" else b"fine_labels"
 
+    num_classes = 10 if name == "cifar10" else 100
+
     def read_batches(files):
         images, labels = [], []
         for f in files:
             try:
                 with open(f, "rb") as fh:
                     batch = pickle.load(fh, encoding="bytes")
-                images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                labels.append(np.asarray(batch[label_key], dtype=np.int64))
-            except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as err:
-                raise RelaError(f"cannot read CIFAR batch {f}: {err}") from None
+                data, batch_labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
+            except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, IndexError) as err:
+                raise RelaError(f"cannot read CIFAR batch {f}: {err or type(err).__name__}") from None
+            # Checked, not reshaped blindly: (N, 32, 32, 3) or grey (3N, 1024) data would reshape without
+            # complaint into the wrong images.
+            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.dtype != np.uint8:
+                raise RelaError(f"CIFAR batch {f}: data is {data.dtype} {data.shape}, expected uint8 (N, 3072) "
+                                "rows of 32x32 RGB planes")
+            if batch_labels.shape != (len(data),) or not np.issubdtype(batch_labels.dtype, np.integer):
+                raise RelaError(f"CIFAR batch {f}: {batch_labels.shape} labels of {batch_labels.dtype} for "
+                                f"{len(data)} images, expected one integer label per image")
+            if len(batch_labels) and not 0 <= batch_labels.min() <= batch_labels.max() < num_classes:
+                raise RelaError(f"CIFAR batch {f}: labels span {batch_labels.min()}..{batch_labels.max()}, "
+                                f"expected 0..{num_classes - 1} for {name}")
+            images.append(data.reshape(-1, 3, 32, 32))
+            labels.append(batch_labels.astype(np.int64))
         return np.concatenate(images).transpose(0, 2, 3, 1), np.concatenate(labels)
 
     train_images, train_labels = read_batches(train_files)
@@ -203,23 +245,65 @@ def _load_cifar(name: str, folder: Path, split_seed: int, val_fraction: float) -
     else:
         train_idx, val_idx = _held_out_split(len(train), split_seed, val_fraction)
         train, val = train.subset(train_idx, f"{name}/train"), train.subset(val_idx, f"{name}/val")
-    return DatasetSplits(train, val, 10 if name == "cifar10" else 100, CIFAR_MEAN, CIFAR_STD, 32)
+    return DatasetSplits(train, val, num_classes, CIFAR_MEAN, CIFAR_STD, 32)
 
 
 def _scan_class_folders(root: Path) -> tuple[list[str], np.ndarray, list[str]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise RelaError(f"{root} has no class sub-folders (expected ROOT/CLASS/IMAGE.jpg)")
+    if len(classes) == 1:
+        raise RelaError(f"{root} has one class folder ({shown(classes[0])}): the linear probe and the kNN need "
+                        "at least two classes (expected ROOT/CLASS/IMAGE.jpg)")
     files, labels = [], []
     for label, cls in enumerate(classes):
-        for dirpath, _, names in os.walk(root / cls, followlinks=True):
-            for n in sorted(names):
-                if n.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(dirpath, n)):
-                    files.append(os.path.relpath(os.path.join(dirpath, n), root))
-                    labels.append(label)
-    if not files:
-        raise RelaError(f"{root} has class folders but no images ({', '.join(IMAGE_SUFFIXES)})")
+        found = _image_files(root / cls)
+        if not found:
+            raise RelaError(f"class folder {shown(root / cls)} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                            "remove it or add its images")
+        files.extend(os.path.relpath(f, root) for f in found)
+        labels.extend([label] * len(found))
     return files, np.asarray(labels, dtype=np.int64), classes
+
+
+def _image_files(folder: Path) -> list[str]:
+    """The image files under `folder`, sorted, following symbolic links to folders.
+
+    A link that leads back to a folder above it (a loop) is an error naming it: followed, it would list the
+    same images again and again until the path grows too long. An unreadable folder is an error too (os.walk
+    would skip it silently). A file with an image suffix that is a broken link or a link loop is listed, so
+    that decoding names it, or skips it under --skip-corrupt, like any file that does not decode.
+    """
+    found: list[str] = []
+
+    def visit(path: str, ancestors: tuple[tuple[int, int], ...]) -> None:
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as err:
+            raise RelaError(f"cannot list folder {shown(path)}: {err.strerror or err}") from None
+        folders = []
+        for entry in entries:  # a folder's own files first, then its sub-folders, each by name
+            try:  # both follow links; a link loop raises
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError:
+                is_dir, is_file = False, False
+            if is_dir:
+                folders.append(entry.path)
+            elif entry.name.lower().endswith(IMAGE_SUFFIXES):
+                if is_file or (entry.is_symlink() and not os.path.exists(entry.path)):
+                    found.append(entry.path)
+        for sub in folders:
+            stat = os.stat(sub)
+            ident = (stat.st_dev, stat.st_ino)
+            if ident in ancestors:
+                raise RelaError(f"symbolic link loop: {shown(sub)} leads back to a folder above it "
+                                f"({shown(os.path.realpath(sub))}); remove the link")
+            visit(sub, ancestors + (ident,))
+
+    real = Path(os.path.realpath(folder))
+    above = tuple((stat.st_dev, stat.st_ino) for stat in map(os.stat, [real, *real.parents]))
+    visit(str(folder), above)
+    return found
 
 
 def _load_imagefolder(folder: Path, split_seed: int, val_fraction: float) -> DatasetSplits:

@@ -123,7 +123,7 @@ class HostReader:
                 fmt, (width, height) = image.format, image.size
         except Image.UnidentifiedImageError:  # its message names the BytesIO, not the file
             raise CorruptImageError(path, "not an image file PIL can identify") from None
-        except (OSError, ValueError, SyntaxError) as err:  # as datasets.decode_image
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # as datasets.decode_image
             raise CorruptImageError(path, str(err) or type(err).__name__) from None
         if fmt not in DALI_FORMATS:
             raise CorruptImageError(path, f"DALI does not decode {fmt} images (--loader torch does)")
