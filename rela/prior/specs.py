@@ -89,7 +89,8 @@ def load_prior(spec: str, *, arch: str, image_size: int, seed: int, prior_size: 
             try:
                 net.load_state_dict(state)
             except (RuntimeError, TypeError, AttributeError) as err:
-                raise RelaError(f"--prior {spec}: {path} does not fit {name}: {str(err).splitlines()[0]}") from None
+                raise RelaError(f"--prior {spec}: {path} does not fit {name}: "
+                                f"{state_mismatch(net, state) or str(err).splitlines()[0]}") from None
             fingerprint = f"torchvision:{name}:sha256={file_digest(path)}"
         else:
             fingerprint = f"torchvision:{name}:random:seed={seed}"
@@ -128,9 +129,30 @@ def _load_run_prior(spec: str, run_dir: Path, prior_size: int | None) -> Prior:
     saved = _load_file(path, spec, lambda p: torch.load(p, map_location="cpu", weights_only=False))
     try:
         net = build_backbone(saved["arch"])
-        net.load_state_dict(saved["state_dict"])
-    except (KeyError, RuntimeError, TypeError) as err:
-        raise RelaError(f"--prior {spec}: {path} is not a backbone written by rela.train ({err})") from None
-    return Prior(spec, _freeze(_Features(net)), prior_size or saved["image_size"], tuple(saved["mean"]),
-                 tuple(saved["std"]), f"run:{saved['arch']}:state={state_digest(net)}")
+        state, size, mean, std = saved["state_dict"], saved["image_size"], tuple(saved["mean"]), tuple(saved["std"])
+    except (KeyError, TypeError, IndexError) as err:
+        missing = f"no {err}" if isinstance(err, KeyError) else str(err)
+        raise RelaError(f"--prior {spec}: {path} is not a backbone written by rela.train ({missing})") from None
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise RelaError(f"--prior {spec}: the weights in {path} do not fit its architecture {saved['arch']}: "
+                        f"{state_mismatch(net, state) or str(err).splitlines()[0]}") from None
+    return Prior(spec, _freeze(_Features(net)), prior_size or size, mean, std,
+                 f"run:{saved['arch']}:state={state_digest(net)}")
+
+
+def state_mismatch(net: nn.Module, state) -> str:
+    """One line on how `state` differs from `net`'s state dict (load_state_dict lists every key, on many lines)."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a state dict"
+    wanted = net.state_dict()
+    missing = [k for k in wanted if k not in state]
+    unexpected = [k for k in state if k not in wanted]
+    resized = [f"{k} {tuple(state[k].shape)} for {tuple(v.shape)}" for k, v in wanted.items()
+               if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape]
+    parts = [f"{len(keys)} {what} (first: {keys[0]})"
+             for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shapes differ", resized))
+             if keys]
+    return "; ".join(parts)
 

@@ -216,7 +216,13 @@ def _build(prior: Prior, load_images, key: dict, path: Path, *, num_rows: int, b
     encode = prior_encoder(prior.encoder.to(device), key["precision"])
     with torch.no_grad():
         probe = load_images(torch.arange(min(2, num_rows), dtype=torch.int64))
-        feature_dim = encode(probe).shape[1]
+        try:  # the first meeting of the prior and the data: a prior made for other inputs fails here
+            feature_dim = encode(probe).shape[1]
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as err:  # TorchScript's message ends with the error, after its traceback
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+            raise RelaError(f"--prior {prior.spec} does not fit its input {tuple(probe.shape[1:])}: {reason}") from None
     raw_key = {k: v for k, v in key.items() if k != "target_dim"}
     raw_path = path.parent / f"raw-{_digest(raw_key)}.bank"
     log.info(f"target bank: encoding {num_rows} images with prior {prior.spec} ({feature_dim} features, "
@@ -240,7 +246,7 @@ def _build(prior: Prior, load_images, key: dict, path: Path, *, num_rows: int, b
     count = int(dist_utils.all_reduce_sum_(torch.tensor([raw.row_count], dtype=torch.float64, device=device)).item())
     if count != num_rows:
         raise RuntimeError(f"raw feature pass accumulated {count} rows, expected {num_rows}")
-    projection = pca_from_sums(row_sum, outer_sum, count, key["target_dim"])
+    projection = pca_from_sums(row_sum, outer_sum, count, key["target_dim"], what=f"prior {prior.spec}'s features")
     targets = project_rows(raw.features, projection, device, rank=dist.rank, world_size=dist.world_size)
     if projection.components.shape[1] < key["target_dim"]:
         log.info(f"target bank: the prior's features span {projection.components.shape[1]} dimensions, "
