@@ -15,6 +15,9 @@ def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+# --method's values; each names a module of rela/methods/ (rela.methods.registry checks the two agree).
+METHOD_NAMES = ("byol", "dino", "simclr", "mocov3", "barlowtwins", "vicreg", "simsiam")
+
 @dataclass
 class Config:
     # What to train on
@@ -31,9 +34,22 @@ class Config:
     # What to train
     arch: str = opt("resnet50", "backbone: resnet18, resnet50, resnet18_cifar, resnet50_cifar, small_resnet, or "
                                 "timm:NAME (any timm model, randomly initialised; pip install timm)")
-    method: str = opt("byol", "self-supervised method of the SSL phase", ("byol",))
+    method: str = opt("byol", "self-supervised method of the phase after RELA (rela/methods/; each brings its "
+                              "own heads, loss, teacher, views and defaults)", METHOD_NAMES)
     proj_hidden: int = opt(4096, "projector/predictor hidden width (0: twice the backbone's width, the reference's)")
-    proj_dim: int = opt(256, "projection width")
+    proj_dim: int = opt(256, "projection width (DINO: the head's bottleneck)")
+    # The methods' own options (their per-preset defaults are in their modules, over the dataset preset)
+    temperature: float = opt(0.2, "SimCLR's and MoCo v3's softmax temperature")
+    dino_out_dim: int = opt(65536, "DINO: output width K of the head (prototypes)")
+    dino_student_temp: float = opt(0.1, "DINO: student softmax temperature")
+    dino_teacher_temp: float = opt(0.07, "DINO: teacher softmax temperature after the warm-up")
+    dino_warmup_teacher_temp: float = opt(0.04, "DINO: teacher temperature at the start of the warm-up")
+    dino_warmup_teacher_epochs: float = opt(30.0, "DINO: epochs of the teacher temperature's linear warm-up")
+    dino_center_momentum: float = opt(0.9, "DINO: momentum of the teacher-output centre")
+    barlow_lambda: float = opt(0.0051, "Barlow Twins: weight of the off-diagonal (redundancy) terms")
+    vicreg_sim_weight: float = opt(25.0, "VICReg: weight of the invariance (MSE) term")
+    vicreg_var_weight: float = opt(25.0, "VICReg: weight of the variance (std hinge) term")
+    vicreg_cov_weight: float = opt(1.0, "VICReg: weight of the covariance term")
     # RELA
     prior: str = opt("rand", "prior: none | rand | torchvision:NAME[:WEIGHTS.pth] | timm:NAME[:WEIGHTS.safetensors|.pth] "
                              "| torchscript:PATH | run:DIR")
@@ -53,8 +69,10 @@ class Config:
                           ("project", "reference"))
     rela_crop_min_scale: float | None = opt(None, "smallest random-crop scale of RELA's views (default: the "
                                                   "views' own, 0.25 project, 0.5 reference)")
-    byol_crop_min_scale: float | None = opt(None, "smallest random-crop scale of BYOL's views (default 0.08)")
-    byol_blur: bool = opt(True, "Gaussian blur in BYOL's views (the reference leaves it out on 32 px CIFAR)")
+    byol_crop_min_scale: float | None = opt(None, "smallest random-crop scale of the SSL method's views (default: the "
+                                                  "method's own, 0.08 for BYOL)")
+    byol_blur: bool = opt(True, "Gaussian blur in the SSL method's views (the reference leaves it out of BYOL's on 32 px "
+                                "CIFAR)")
     bank_dir: str = opt(".rela_cache", "folder for target banks, keyed by dataset, prior and preprocessing")
     target_bank: str | None = opt(None, "use this target bank file (error if its key or shape does not match)")
     bank_batch_size: int = opt(256, "batch size of the prior's pass over the training set")
@@ -206,6 +224,11 @@ def resolve_config(given: dict[str, Any]) -> Config:
     if preset not in PRESETS:
         raise RelaError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = {**PRESETS[preset], "preset": preset}
+    method = given.get("method", Config.method)
+    if method not in METHOD_NAMES:
+        raise RelaError(f"unknown --method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
+    from rela.methods.registry import method_defaults  # torch and the methods: not at import time
+    values.update(method_defaults(method, preset))
     if given.get("recipe") == "reference":
         batch_size = given.get("batch_size", values.get("batch_size", Config.batch_size))
         image_size = given.get("image_size", values.get("image_size", Config.image_size))
@@ -262,7 +285,10 @@ TRAJECTORY_OPTIONS = ("dataset", "data", "image_size", "arch", "prior", "prior_s
                       "batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "warmup_epochs", "base_momentum",
                       "proj_hidden", "proj_dim", "rela_phase", "rela_threshold", "rela_averaging_scale", "rela_train_map", "seed",
                       "rela_map_bias", "rela_views", "byol_blur", "lr_schedule", "momentum_schedule",
-                      "rela_crop_min_scale", "byol_crop_min_scale")
+                      "rela_crop_min_scale", "byol_crop_min_scale", "method", "temperature", "dino_out_dim",
+                      "dino_student_temp", "dino_teacher_temp", "dino_warmup_teacher_temp", "dino_warmup_teacher_epochs",
+                      "dino_center_momentum", "barlow_lambda", "vicreg_sim_weight", "vicreg_var_weight",
+                      "vicreg_cov_weight")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

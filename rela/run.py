@@ -24,9 +24,10 @@ from rela.data.interfaces import ImageSource, TrainLoader
 from rela.data.views import Normalize, resize_center_crop
 from rela.errors import RelaError
 from rela.eval.monitor import KnnMonitor
-from rela.methods.byol import ByolNetworks, target_momentum
+from rela.methods.byol import target_momentum
 from rela.methods.learner import Learner
 from rela.methods.rela import PhaseController, RelaMap
+from rela.methods.registry import build_method
 from rela.models.backbones import build_backbone
 from rela.optim import build_optimizer, learning_rate
 from rela.prior.specs import load_prior
@@ -43,7 +44,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
-    phase: str = "byol"
+    phase: str = "byol"  # "rela", or the method's name (--method)
     rela_phase_end_step: int | None = None
     rela_phase_ended_by: str | None = None  # "plateau", "fraction", or "end of training"
     images_seen: int = 0  # by this rank (each rank's is saved)
@@ -159,7 +160,7 @@ def build_run(cfg: Config, dist: DistInfo, device: torch.device, run_dir: Path, 
                  f"averages need {controller.earliest_plateau_step()} or more): this run stays in RELA throughout; "
                  "--rela-phase FRACTION hands over to BYOL at a set point")
     monitor = _build_monitor(cfg, splits, loaders.use_dali, crop_fraction, dist, device, autocast_dtype) if cfg.monitor else None
-    state = TrainState(phase="rela" if bank is not None else "byol", target_bank_s=bank.build_seconds if bank else 0.0)
+    state = TrainState(phase="rela" if bank is not None else cfg.method, target_bank_s=bank.build_seconds if bank else 0.0)
     loaders.train_loader.set_view_mode(state.phase)
     return Run(cfg=cfg, dist=dist, device=device, run_dir=run_dir, log=log, splits=splits, use_dali=loaders.use_dali,
                crop_fraction=crop_fraction, train_source=loaders.train_source, loader=loaders.train_loader, sampler=sampler, bank=bank,
@@ -199,12 +200,13 @@ def build_target_bank(cfg: Config, splits: DatasetSplits, train_source: ImageSou
 def build_networks(cfg: Config, backbone: nn.Module, target_dim: int | None, num_classes: int, dist: DistInfo,
                    device: torch.device, *, channels_last: bool, fused: bool | None
                    ) -> tuple[Learner, nn.Module, Callable[[float], None], torch.optim.Optimizer]:
-    """The learner (BYOL's networks, RELA's map W when there is a target bank, the online probe) on its
-    device; its EMA step; its optimiser; and what the step calls (DDP around the learner under torchrun)."""
-    nets = ByolNetworks(backbone, cfg.proj_hidden or 2 * backbone.feature_dim, cfg.proj_dim)
+    """The learner (the SSL method's networks, RELA's map W when there is a target bank, the online probe)
+    on its device; its EMA step; its optimiser; and what the step calls (DDP around the learner under
+    torchrun)."""
+    method = build_method(cfg, backbone)
     rela_map = (RelaMap(backbone.feature_dim, target_dim, cfg.rela_train_map, seed=cfg.seed + 2, bias=cfg.rela_map_bias)
                 if target_dim else None)
-    learner = Learner(nets, rela_map, num_classes)
+    learner = Learner(method, rela_map, num_classes)
     if cfg.sync_bn and device.type != "cuda":
         raise RelaError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
     if cfg.sync_bn and dist.enabled:
@@ -214,18 +216,18 @@ def build_networks(cfg: Config, backbone: nn.Module, target_dim: int | None, num
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
         # In place (Module.compile): parameter names keep no `_orig_mod.` prefix, so checkpoints and
         # backbone.pt read the same compiled or not. After the EMA's flattening, which swaps storages.
-        for module in (learner.nets.backbone, learner.nets.target_backbone):
+        for module in learner.method.backbones():
             module.compile(backend=cfg.compile_backend)
     optimizer = build_optimizer(learner.named_parameters(), cfg.optimizer, peak_learning_rate(cfg), cfg.weight_decay)
-    model = wrap_for_ranks(learner, dist, device, phase="rela" if rela_map is not None else "byol")
+    model = wrap_for_ranks(learner, dist, device, phase="rela" if rela_map is not None else cfg.method)
     return learner, model, ema, optimizer
 
 
 def wrap_for_ranks(learner: Learner, dist: DistInfo, device: torch.device, phase: str) -> nn.Module:
     """What the step calls: the learner itself, or DDP around it under torchrun, set for `phase`.
 
-    DDP looks for parameters without a gradient only where there are some: in the RELA phase (projector and
-    predictor), and after it only when W is trainable (BYOL does not use it). That search costs a pass over
+    DDP looks for parameters without a gradient only where there are some: in the RELA phase (the method's
+    heads), and after it only when W is trainable (the method does not use it). That search costs a pass over
     the graph every step, so the trainer wraps the learner again at the hand-over. broadcast_buffers=False:
     BN statistics stay each rank's own while training (batch statistics drive the training forward), and
     rank 0's are broadcast once before evaluation; gradient_as_bucket_view spares a copy of every gradient.

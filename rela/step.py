@@ -15,10 +15,18 @@ from rela.prior.target_bank import TargetBank
 
 
 def make_ema_updater(learner: Learner, fused: bool | None) -> Callable[[float], None]:
-    """The target network's EMA step, `update(momentum)`. Call before building the optimiser and DDP: on the
-    fused path the target's and the online network's parameters become views into one flat buffer each
-    (one kernel launch per step)."""
-    return prepare_ema_(learner.nets.target_pair(), learner.nets.online_pair(), fused=fused).update
+    """The teacher's EMA step, `update(momentum)` (nothing, for a method without a teacher). Call before
+    building the optimiser and DDP: on the fused path the teacher's and the student's parameters become
+    views into one flat buffer each (one kernel launch per step)."""
+    pair = learner.method.teacher_pair()
+    if pair is None:
+        return _no_teacher
+    teacher, student = pair
+    return prepare_ema_(teacher, student, fused=fused).update
+
+
+def _no_teacher(momentum: float) -> None:
+    """The EMA step of a method without a teacher."""
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ema: Callable[[float], None],
@@ -26,7 +34,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ema: Callable
                autocast_dtype: torch.dtype | None, fused: bool | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward and backward over the micro-batches (gradients accumulated; DDP syncs on the last), one
-    optimiser step, one EMA step. Returns the step's (loss, probe loss, probe accuracy), averaged over its
+    optimiser step, one EMA step. `phase`: "rela" or the method's name. Returns the step's (loss, probe loss, probe accuracy), averaged over its
     images, on the device: nothing here waits for the GPU."""
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -27,7 +27,7 @@ def evaluate(run: Run) -> dict:
                    state_digest(run.learner, "buffers"), run.dist)}
     dist_utils.broadcast_buffers_(run.learner)
     start = time.time()
-    backbone = run.learner.nets.backbone
+    backbone = run.learner.backbone
     val_source = build_image_source(cfg, run.splits.val, run.device, run.use_dali)
     common = dict(size=cfg.image_size, crop_fraction=run.crop_fraction,
                   normalize=Normalize(run.splits.mean, run.splits.std, run.device), batch_size=cfg.eval_batch_size,
@@ -61,7 +61,7 @@ def write_summary(run: Run, results: dict) -> dict:
         "device": str(run.device),
     }
     if dist.is_main:
-        atomic_torch_save({"arch": cfg.arch, "state_dict": cpu_copy(run.learner.nets.backbone.state_dict()),
+        atomic_torch_save({"arch": cfg.arch, "state_dict": cpu_copy(run.learner.backbone.state_dict()),
                            "image_size": cfg.image_size, "mean": list(run.splits.mean), "std": list(run.splits.std)},
                           run.run_dir / "backbone.pt")
         write_backbone_safetensors(run.run_dir / "backbone.pt")  # the same weights, for users without rela

@@ -147,6 +147,7 @@ def _optimizer_step(run: Run, micro_batches: list[TrainBatch], epoch_over: bool,
     --log-every and at each epoch's end), a metrics row."""
     state = run.state
     lr, momentum = run.schedule.lr(state.step), run.schedule.momentum(state.step)
+    run.learner.method.schedule(state.step, run.steps_per_epoch)
     loss, probe_loss, probe_accuracy = train_step(
         run.model, run.optimizer, run.ema, micro_batches, phase=state.phase, bank=run.bank, lr=lr,
         momentum=momentum, autocast_dtype=run.autocast_dtype, fused=run.fused)
@@ -199,7 +200,7 @@ def _monitor(run: Run) -> None:
     monitor's own time (time-to-accuracy is read off `training_clock_s`)."""
     state = run.state
     start = time.time()
-    accuracy = run.monitor(run.learner.nets.backbone)
+    accuracy = run.monitor(run.learner.backbone)
     state.monitor_s += time.time() - start
     run.log.metrics({"step": state.step, "epoch": state.epoch, "phase": state.phase, "monitor_knn_top1": accuracy,
                      "wall_clock_s": run.elapsed_s(), "training_clock_s": run.training_clock_s()})
@@ -223,13 +224,13 @@ def _rela_phase_over(run: Run) -> bool:
 
 
 def _hand_over(run: Run, ended_by: str) -> None:
-    """From the RELA phase to BYOL: the step function and the loader's views change from the next step."""
-    state = run.state
-    state.phase, state.rela_phase_end_step, state.rela_phase_ended_by = "byol", state.step, ended_by
-    run.loader.set_view_mode("byol")
+    """From the RELA phase to the SSL method's: the step function and the loader's views change from the next step."""
+    state, method = run.state, run.cfg.method
+    state.phase, state.rela_phase_end_step, state.rela_phase_ended_by = method, state.step, ended_by
+    run.loader.set_view_mode(method)
     if run.dist.enabled:
-        run.model = wrap_for_ranks(run.learner, run.dist, run.device, "byol")
-    run.log.info(f"RELA phase over at step {state.step} (rho {run.controller.rho.item():.4f}); BYOL from here"
+        run.model = wrap_for_ranks(run.learner, run.dist, run.device, method)
+    run.log.info(f"RELA phase over at step {state.step} (rho {run.controller.rho.item():.4f}); {method} from here"
                  + (f"; DDP wrapped again (find_unused_parameters={run.model.find_unused_parameters})"
                     if run.dist.enabled else ""))
 

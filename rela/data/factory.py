@@ -13,6 +13,7 @@ from rela.data.interfaces import ImageSource, TrainLoader
 from rela.data.loader import TorchImageSource, TorchTrainLoader, default_decode_size
 from rela.data.views import Normalize, view_modes
 from rela.errors import RelaError
+from rela.methods.registry import method_class
 
 
 @dataclass
@@ -57,12 +58,13 @@ def build_image_source(cfg: Config, dataset: ArrayImages | FileImages, device: t
 def build_train_loader(cfg: Config, splits: DatasetSplits, source: ImageSource, sampler: BudgetSampler,
                        normalize: Normalize, seed: int, use_dali: bool) -> TrainLoader:
     """The DALI loader reads `splits.train` itself; the torch loader reads through `source`."""
-    crop_min = {"byol": cfg.byol_crop_min_scale, "rela": cfg.rela_crop_min_scale}  # None: the views' own
-    modes = view_modes(cfg.rela_views, cfg.byol_blur)
+    crop_min = {cfg.method: cfg.byol_crop_min_scale, "rela": cfg.rela_crop_min_scale}  # None: the views' own
+    modes = view_modes(cfg.rela_views, cfg.byol_blur, cfg.method, method_class(cfg.method).views)
     decode_size = splits.native_size or default_decode_size(cfg.image_size)
     if use_dali:
         return DaliTrainLoader(splits.train, sampler, image_size=cfg.image_size, normalize=normalize, seed=seed,
-                               device=source.device, crop_min_scale=crop_min, view_modes=modes,
+                               device=source.device, crop_min_scale=crop_min, view_modes=modes, view_mode=cfg.method,
                                num_threads=max(1, cfg.workers), skip_corrupt=cfg.skip_corrupt, decode_size=decode_size)
     return TorchTrainLoader(source, sampler, image_size=cfg.image_size, decode_size=decode_size,
-                            normalize=normalize, seed=seed, crop_min_scale=crop_min, view_modes=modes)
+                            normalize=normalize, seed=seed, crop_min_scale=crop_min, view_modes=modes,
+                            view_mode=cfg.method)

@@ -45,16 +45,18 @@ RELA_VIEW_REFERENCE = ViewSpec(crop_scale=(0.5, 1.0), jitter_p=0.8, brightness=0
 VIEW_MODES = {"byol": BYOL_VIEWS, "rela": RELA_VIEWS}
 
 
-def view_modes(rela_views: str = "project", byol_blur: bool = True) -> dict[str, tuple[ViewSpec, ViewSpec]]:
-    """The view pair of each mode: RELA's 'project' or 'reference' views; BYOL's with or without blur."""
-    byol = BYOL_VIEWS if byol_blur else tuple(replace(v, blur_p=0.0) for v in BYOL_VIEWS)
+def view_modes(rela_views: str = "project", byol_blur: bool = True, method: str = "byol",
+               method_views: tuple[ViewSpec, ViewSpec] = BYOL_VIEWS) -> dict[str, tuple[ViewSpec, ViewSpec]]:
+    """The view pair of each mode: RELA's 'project' or 'reference' views under "rela"; the SSL method's own
+    pair (its module's `views`) under its name, with or without blur."""
+    ssl = method_views if byol_blur else tuple(replace(v, blur_p=0.0) for v in method_views)
     rela = {"project": RELA_VIEWS, "reference": (RELA_VIEW_REFERENCE, RELA_VIEW_REFERENCE)}[rela_views]
-    return {"byol": byol, "rela": rela}
+    return {method: ssl, "rela": rela}
 
 
 def view_pair(mode: str, crop_min_scale: float | None = None, modes: dict | None = None
               ) -> tuple[ViewSpec, ViewSpec]:
-    """The two specs of `mode` ('byol' or 'rela') in `modes` (default VIEW_MODES), with the crop's smallest
+    """The two specs of `mode` ('rela' or a method's name) in `modes` (default VIEW_MODES), with the crop's smallest
     scale overridden if given."""
     pair = (modes or VIEW_MODES)[mode]
     if crop_min_scale is None:

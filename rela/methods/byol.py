@@ -1,47 +1,55 @@
-"""BYOL: online backbone + projector + predictor, EMA target backbone + projector, symmetric loss."""
+"""BYOL (Grill et al. 2020): online backbone + projector + predictor, an EMA target backbone + projector,
+the symmetric negative-cosine loss between the online predictions and the target projections."""
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import nn
 
+from rela.data.views import BYOL_VIEWS
+from rela.methods.base import SslMethod
 from rela.models.heads import mlp_head
 from rela.ops import byol_loss
 
 
-class ByolNetworks(nn.Module):
+class Byol(SslMethod):
+    name = "byol"
+    views = BYOL_VIEWS  # asymmetric: blur 1.0 / 0.1, solarize 0 / 0.2 (the paper's table 6)
+    # The dataset presets are BYOL's (rela/config.py PRESETS): nothing of its own to add.
+    defaults = {}
+
     def __init__(self, backbone: nn.Module, proj_hidden: int, proj_dim: int):
         super().__init__()
         self.backbone = backbone
         self.projector = mlp_head(backbone.feature_dim, proj_hidden, proj_dim)
         self.predictor = mlp_head(proj_dim, proj_hidden, proj_dim)
-        self.target_backbone = copy.deepcopy(backbone)
-        self.target_projector = copy.deepcopy(self.projector)
-        for p in (*self.target_backbone.parameters(), *self.target_projector.parameters()):
-            p.requires_grad_(False)
+        self.target_backbone = self._frozen_copy(backbone)
+        self.target_projector = self._frozen_copy(self.projector)
 
-    def online_pair(self) -> nn.Module:
-        """The online modules the target mirrors, in the target's structure."""
-        return nn.ModuleList([self.backbone, self.projector])
+    @classmethod
+    def from_config(cls, backbone: nn.Module, cfg) -> "Byol":
+        return cls(backbone, cfg.proj_hidden or 2 * backbone.feature_dim, cfg.proj_dim)
 
-    def target_pair(self) -> nn.Module:
-        return nn.ModuleList([self.target_backbone, self.target_projector])
+    def backbones(self) -> list[nn.Module]:
+        return [self.backbone, self.target_backbone]
 
+    def teacher_pair(self) -> tuple[nn.Module, nn.Module]:
+        return (nn.ModuleList([self.target_backbone, self.target_projector]),
+                nn.ModuleList([self.backbone, self.projector]))
 
-def byol_step(nets: ByolNetworks, view1: torch.Tensor, view2: torch.Tensor, *, fused: bool | None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both views in one forward. Returns (loss, backbone features (2B, F)) for the online probe."""
-    both = torch.cat([view1, view2])
-    features = nets.backbone(both)
-    predictions = nets.predictor(nets.projector(features))
-    with torch.no_grad():
-        nets.target_backbone.train(nets.training)
-        targets = nets.target_projector(nets.target_backbone(both))
-    p1, p2 = predictions.chunk(2)
-    z1, z2 = targets.chunk(2)
-    return byol_loss(p1, p2, z1, z2, fused=fused), features
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, *, fused: bool | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views in one forward. Returns (loss, backbone features (2B, F))."""
+        both = torch.cat([view1, view2])
+        features = self.backbone(both)
+        predictions = self.predictor(self.projector(features))
+        with torch.no_grad():
+            self.target_backbone.train(self.training)
+            targets = self.target_projector(self.target_backbone(both))
+        p1, p2 = predictions.chunk(2)
+        z1, z2 = targets.chunk(2)
+        return byol_loss(p1, p2, z1, z2, fused=fused), features
 
 
 def target_momentum(step: int, total_steps: int, base: float) -> float:

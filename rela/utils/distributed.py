@@ -98,3 +98,37 @@ def broadcast_buffers_(module: torch.nn.Module, src: int = 0) -> None:
     if dist.is_available() and dist.is_initialized():
         for buffer in module.buffers():
             dist.broadcast(buffer, src)
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the number of ranks; (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rows_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's (B, ...) rows in rank order (equal B on every rank), differentiable: the gradient of
+    each rank's rows flows back to that rank (the contrastive losses' negatives from every rank)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+    return torch.cat(all_gather(tensor))
+
+
+@torch.no_grad()
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """As gather_rows_with_grad, without a gradient (a teacher's keys)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered)
+
+
+def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks, differentiable (Barlow Twins' cross-correlation over the global batch)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_reduce
+    return all_reduce(tensor)

@@ -32,7 +32,7 @@ def main(out_path: str, bank_dir: str) -> None:
     # the single-process one, row for row.
     common = dict(size=cfg.image_size, crop_fraction=run.crop_fraction,
                   normalize=Normalize(run.splits.mean, run.splits.std, run.device), batch_size=50)
-    backbone = run.learner.nets.backbone
+    backbone = run.learner.backbone
     gathered_x, gathered_y = extract_features(backbone, run.train_source, dist=dist, **common)
     alone_x, alone_y = extract_features(backbone, run.train_source, dist=dist_utils.DistInfo(), **common)
     findings["gathered_equals_single_process"] = bool(torch.equal(gathered_y, alone_y)

@@ -49,4 +49,4 @@ def test_compiled_backbones_train_and_save_under_their_own_names(tmp_path, monke
     backbone = torch.load(out / "backbone.pt", weights_only=False)["state_dict"]
     assert len(compiled) == 2 and {backend for _, backend in compiled} == {"aot_eager"}  # online and target
     assert not any("_orig_mod" in k for k in [*learner, *backbone])
-    assert any(k.startswith("nets.backbone.") for k in learner)
+    assert any(k.startswith("method.backbone.") for k in learner)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rela.methods.byol import ByolNetworks
+from rela.methods.byol import Byol
 from rela.methods.learner import Learner
 from rela.methods.rela import RelaMap
 from rela.models.backbones import build_backbone
@@ -45,7 +45,7 @@ def one_rank_group():
 @pytest.mark.parametrize("trainable_map", [False, True])
 def test_ddp_looks_for_unused_parameters_only_where_there_are_some(one_rank_group, trainable_map):
     backbone = build_backbone("small_resnet", seed=0)
-    learner = Learner(ByolNetworks(backbone, 32, 16), RelaMap(backbone.feature_dim, 8, trainable_map, seed=0), 10)
+    learner = Learner(Byol(backbone, 32, 16), RelaMap(backbone.feature_dim, 8, trainable_map, seed=0), 10)
     rela = wrap_for_ranks(learner, one_rank_group, torch.device("cpu"), "rela")
     byol = wrap_for_ranks(learner, one_rank_group, torch.device("cpu"), "byol")
     assert rela.find_unused_parameters  # the projector and predictor get no gradient in the RELA phase

@@ -40,9 +40,9 @@ def test_reference_recipe_trains_end_to_end(tmp_path):
     assert all(r["lr"] == pytest.approx(1e-3) for r in rows) and {r["momentum"] for r in rows} == {0.99}
     assert {r["step_fn"] for r in rows} == {"rela_step", "byol_step"}
     learner = torch.load(latest_checkpoint(out), weights_only=False)["learner"]
-    feature_dim = learner["nets.projector.0.weight"].shape[1]
-    assert learner["nets.projector.0.weight"].shape[0] == 2 * feature_dim  # d-2d-256 heads
-    assert learner["nets.predictor.0.weight"].shape == (2 * feature_dim, 256)
+    feature_dim = learner["method.projector.0.weight"].shape[1]
+    assert learner["method.projector.0.weight"].shape[0] == 2 * feature_dim  # d-2d-256 heads
+    assert learner["method.predictor.0.weight"].shape == (2 * feature_dim, 256)
     assert "rela_map.bias" in learner  # affine W
 
 

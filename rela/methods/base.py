@@ -1,0 +1,68 @@
+"""What every self-supervised method gives the trainer: `SslMethod`.
+
+A method is one small module (rela/methods/<name>.py) holding its heads, its loss, its teacher (an EMA
+copy, where it keeps one), its views and its own state. The training loop knows only this interface:
+
+- `forward(view1, view2, fused=...) -> (loss, features)`: one step's loss on two views of the same
+  images, and the online backbone's features of both views, (2B, F), for the online probe.
+- `teacher_pair() -> (teacher, student) | None`: the modules the EMA step moves the teacher's weights
+  towards (same structure), or None for a method without a teacher (SimCLR, Barlow Twins, VICReg,
+  SimSiam).
+- `schedule(step, steps_per_epoch)`: the method's own step-indexed settings (DINO's teacher temperature
+  warm-up); called before every step, nothing to save (recomputed from the step on resume).
+- Its state (DINO's centre) lives in registered buffers, so it travels with the learner's state_dict
+  into every checkpoint.
+
+The RELA phase is the same for every method: it regresses the bank's targets from `backbone` (see
+rela/methods/rela.py), and the EMA step still runs where there is a teacher.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from rela.data.views import ViewSpec
+
+
+class SslMethod(nn.Module):
+    name: ClassVar[str]
+    # The pair of views of the method's own phase (the RELA phase has its own, rela/data/views.py).
+    views: ClassVar[tuple[ViewSpec, ViewSpec]]
+    # Per-preset defaults of the method's own options, over the dataset preset, under the user's flags:
+    # {"imagenet": {...}, "cifar10": {...}, ...}; "*" applies to every preset not named.
+    defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    backbone: nn.Module
+
+    @property
+    def step_fn_name(self) -> str:
+        """What the run's log calls this method's step (metrics.jsonl `step_fn`)."""
+        return f"{self.name}_step"
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, *, fused: bool | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def teacher_pair(self) -> tuple[nn.Module, nn.Module] | None:
+        return None
+
+    def schedule(self, step: int, steps_per_epoch: int) -> None:
+        pass
+
+    def backbones(self) -> list[nn.Module]:
+        """The student's backbone, and the teacher's where there is one: what --compile compiles."""
+        return [self.backbone]
+
+    def _frozen_copy(self, module: nn.Module) -> nn.Module:
+        """A teacher copy of `module` that no optimiser or gradient touches (the EMA moves it)."""
+        teacher = copy.deepcopy(module)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
+
+def preset_defaults(defaults: dict[str, dict[str, Any]], preset: str) -> dict[str, Any]:
+    return dict(defaults.get(preset, defaults.get("*", {})))

@@ -1,0 +1,115 @@
+"""DINO (Caron et al. 2021): self-distillation with no labels. A student backbone + head and an EMA teacher
+backbone + head; the teacher's centred, sharpened softmax is the target of the student's softmax on the
+other view. Two global crops (multi-crop is not implemented). The centre is the method's own state: a
+buffer, so it is saved with the learner in every checkpoint. The loss is a fused Triton kernel on CUDA
+(rela.ops.dino_loss: memory-bound at K = 65,536, one pass over the logits forward and one backward)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rela.data.views import ViewSpec
+from rela.methods.base import SslMethod
+from rela.ops import dino_loss
+from rela.utils.distributed import all_reduce_mean_
+
+# Global crops as BYOL's views (DINO's DataAugmentationDINO: blur 1.0 / 0.1, solarize 0 / 0.2, jitter
+# (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2). Crop scale 0.14-1: main_dino.py's advice for two global
+# crops without local ones (its 0.4-1 default assumes multi-crop).
+DINO_VIEWS = (ViewSpec(crop_scale=(0.14, 1.0), blur_p=1.0, solarize_p=0.0),
+              ViewSpec(crop_scale=(0.14, 1.0), blur_p=0.1, solarize_p=0.2))
+
+
+class DinoHead(nn.Module):
+    """DINO's head: a 3-layer MLP (GELU) to a bottleneck, L2-normalised, then a weight-normalised linear
+    layer to K prototypes without bias (its weight norm fixed at 1: the paper's norm_last_layer)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, bottleneck_dim: int, out_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, bottleneck_dim))
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(features), dim=-1)
+        return x @ F.normalize(self.prototypes, dim=-1).T.to(x.dtype)
+
+
+class Dino(SslMethod):
+    name = "dino"
+    views = DINO_VIEWS
+    # ImageNet: the paper's head (2048 hidden, 256 bottleneck, K = 65,536), student temperature 0.1, teacher
+    # 0.04 -> 0.07 over 30 epochs, centre momentum 0.9, teacher momentum 0.996 -> 1. Small images: solo-learn's
+    # scripts/pretrain/cifar/dino.yaml (K = 4,096, teacher 0.04 -> 0.07 over the first 5% of its 1,000
+    # epochs, base momentum 0.99); mnist5k and digits at K = 1,024 and a 10% warm-up for CPU-sized runs.
+    defaults = {"imagenet": dict(proj_hidden=2048, proj_dim=256, dino_out_dim=65536, dino_warmup_teacher_epochs=30,
+                                 base_momentum=0.996),
+                "cifar10": dict(proj_hidden=2048, proj_dim=256, dino_out_dim=4096, dino_warmup_teacher_epochs=10,
+                                base_momentum=0.99),
+                "cifar100": dict(proj_hidden=2048, proj_dim=256, dino_out_dim=4096, dino_warmup_teacher_epochs=10,
+                                 base_momentum=0.99),
+                "*": dict(dino_out_dim=1024, dino_warmup_teacher_epochs=2, base_momentum=0.99)}
+
+    def __init__(self, backbone: nn.Module, hidden_dim: int, bottleneck_dim: int, out_dim: int, *,
+                 student_temp: float, teacher_temp: float, warmup_teacher_temp: float, warmup_teacher_epochs: float,
+                 center_momentum: float):
+        super().__init__()
+        self.backbone = backbone
+        self.head = DinoHead(backbone.feature_dim, hidden_dim, bottleneck_dim, out_dim)
+        self.teacher_backbone = self._frozen_copy(backbone)
+        self.teacher_head = self._frozen_copy(self.head)
+        self.register_buffer("center", torch.zeros(out_dim))
+        self.student_temp, self.final_teacher_temp = student_temp, teacher_temp
+        self.warmup_teacher_temp, self.warmup_teacher_epochs = warmup_teacher_temp, warmup_teacher_epochs
+        self.center_momentum = center_momentum
+        self.teacher_temp = warmup_teacher_temp if warmup_teacher_epochs > 0 else teacher_temp
+
+    @classmethod
+    def from_config(cls, backbone: nn.Module, cfg) -> "Dino":
+        return cls(backbone, cfg.proj_hidden or 2 * backbone.feature_dim, cfg.proj_dim, cfg.dino_out_dim,
+                   student_temp=cfg.dino_student_temp, teacher_temp=cfg.dino_teacher_temp,
+                   warmup_teacher_temp=cfg.dino_warmup_teacher_temp,
+                   warmup_teacher_epochs=cfg.dino_warmup_teacher_epochs, center_momentum=cfg.dino_center_momentum)
+
+    def schedule(self, step: int, steps_per_epoch: int) -> None:
+        """The teacher temperature's linear warm-up, by (fractional) epoch."""
+        epoch = step / max(steps_per_epoch, 1)
+        if epoch >= self.warmup_teacher_epochs:
+            self.teacher_temp = self.final_teacher_temp
+        else:
+            fraction = epoch / self.warmup_teacher_epochs
+            self.teacher_temp = self.warmup_teacher_temp + fraction * (self.final_teacher_temp - self.warmup_teacher_temp)
+
+    def backbones(self) -> list[nn.Module]:
+        return [self.backbone, self.teacher_backbone]
+
+    def teacher_pair(self) -> tuple[nn.Module, nn.Module]:
+        return (nn.ModuleList([self.teacher_backbone, self.teacher_head]),
+                nn.ModuleList([self.backbone, self.head]))
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, *, fused: bool | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        both = torch.cat([view1, view2])
+        features = self.backbone(both)
+        s1, s2 = self.head(features).chunk(2)
+        with torch.no_grad():
+            self.teacher_backbone.train(self.training)
+            t1, t2 = self.teacher_head(self.teacher_backbone(both)).chunk(2)
+        # The loss's backward reads the centre this forward used; the update below changes the buffer in place.
+        center = self.center.clone()
+        loss, teacher_mean = dino_loss(s1, s2, t1, t2, center, self.student_temp, self.teacher_temp, fused=fused)
+        if self.training:
+            self._update_center(teacher_mean)
+        return loss, features
+
+    @torch.no_grad()
+    def _update_center(self, teacher_mean: torch.Tensor) -> None:
+        """centre <- m centre + (1 - m) mean of the teacher's logits over the global batch (every rank's)."""
+        mean = all_reduce_mean_(teacher_mean.detach().to(self.center.dtype).clone())
+        self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)
