@@ -27,6 +27,12 @@ class BudgetSampler:
         if per_rank < 2:
             raise RelaError(f"--budget {budget} of {num_items} images leaves {per_rank} per rank "
                             f"over {world_size} rank(s): too few to train on")
+        # Every step would be one short batch: the recipe's batch size (and the learning rate and BatchNorm
+        # statistics that go with it) would silently not be the one asked for.
+        if per_rank < batch_size:
+            raise RelaError(f"an epoch holds {per_rank} images per rank (--budget {budget} of {num_items} training "
+                            f"images over {world_size} rank(s)), fewer than one batch ({batch_size} per rank): lower "
+                            "--batch-size or raise --budget")
         self.per_rank = per_rank
         self.epoch = 0
 
