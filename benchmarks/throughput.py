@@ -64,7 +64,7 @@ if __package__ in (None, ""):
 from benchmarks.loader import batches_forever, take  # noqa: E402
 from benchmarks.prior import interleaved  # noqa: E402
 from benchmarks.timing import environment, print_table, time_fn, write_json  # noqa: E402
-from rela.config import PRESETS, Config, resolve_config  # noqa: E402
+from rela.config import METHOD_NAMES, PRESETS, Config, resolve_config  # noqa: E402
 from rela.data.datasets import DATASETS, load_dataset  # noqa: E402
 from rela.data.factory import build_image_source, choose_loader  # noqa: E402
 from rela.data.loader import TrainBatch  # noqa: E402
@@ -117,11 +117,14 @@ class TrainerStep:
     """The trainer's step (rela.step.train_step) on the networks that rela.run.build_networks builds for
     `python -m rela.train` (no DDP), fed synthetic batches resident on the device."""
 
-    def __init__(self, setup: StepSetup, device: torch.device, fused: bool, seed: int = 0):
-        cfg = resolve_config({"arch": setup.arch, "batch_size": setup.batch_size, "image_size": setup.image_size,
-                              "proj_hidden": setup.proj_hidden, "proj_dim": setup.proj_dim,
-                              "optimizer": setup.optimizer, "lr": setup.lr, "weight_decay": setup.weight_decay,
-                              "base_momentum": setup.base_momentum, "seed": seed})
+    def __init__(self, setup: StepSetup, device: torch.device, fused: bool, seed: int = 0, method: str = "byol",
+                 preset: str | None = None):
+        given = {"arch": setup.arch, "batch_size": setup.batch_size, "image_size": setup.image_size,
+                 "optimizer": setup.optimizer, "lr": setup.lr, "weight_decay": setup.weight_decay, "seed": seed,
+                 "method": method}
+        if method == "byol":  # the setup's heads; another method's come from its own defaults for the preset
+            given.update(proj_hidden=setup.proj_hidden, proj_dim=setup.proj_dim, base_momentum=setup.base_momentum)
+        cfg = resolve_config({**given, **({"preset": preset} if preset else {})})
         backbone = build_backbone(cfg.arch, seed=cfg.seed)
         # The bank is PCA-reduced to the backbone's width, so the map is square.
         self.learner, _, self.ema, self.optimizer = build_networks(
@@ -221,6 +224,31 @@ def time_steps(setup: StepSetup, device: torch.device, *, warmup: int, rounds: i
     release_memory(device)
     order = {"supervised": 0, "byol": 1, "rela": 2, "prior forward": 3}
     return sorted(rows, key=lambda r: (order[r["step"]], str(r["fused"])))
+
+
+def time_method_steps(setup: StepSetup, cfg: Config, device: torch.device, methods: list[str], *, warmup: int,
+                      rounds: int, repeats: int) -> list[dict]:
+    """Per method: its own step and the RELA-phase step on its networks (heads at the method's defaults for
+    the dataset's preset), the fused ops as the trainer picks them; interleaved rounds, the median."""
+    fused = fused_skip_reason(device) is None
+    steps = {m: TrainerStep(setup, device, fused, method=m, preset=cfg.preset) for m in methods}
+    calls = {}
+    for m, step in steps.items():
+        for phase in (m, "rela"):
+            call = (lambda step=step, phase=phase: step(phase))
+            for _ in range(warmup):
+                call()
+            calls[(m, phase)] = (call, repeats)
+    timings = interleaved(calls, rounds=rounds, device=device)
+    del steps, calls
+    release_memory(device)
+    rows = []
+    for m in methods:
+        own, rela = (setup.batch_size / timings[(m, phase)]["median_ms"] * 1e3 for phase in (m, "rela"))
+        rows.append({"setup": setup.label, "method": m, "fused": "on" if fused else "off",
+                     "method_images_per_s": own, "rela_images_per_s": rela, "rela_over_method": rela / own,
+                     "method_median_ms": timings[(m, m)]["median_ms"], "rela_median_ms": timings[(m, "rela")]["median_ms"]})
+    return rows
 
 
 def step_row(setup: StepSetup, step: str, fused: bool | None, timing: dict | None, note: str = "") -> dict:
@@ -345,6 +373,18 @@ class PlannedRun:
 
 
 METHOD_LABELS = {"byol": "BYOL", "rela": "RELA", "rela-transfer": "RELA transfer", "untrained": "untrained"}
+# --method's display names. The plan's run kinds keep their names whatever the method: "byol" is the SSL
+# method alone (BYOL unless --method says otherwise), "rela" is RELA handing over to it.
+SSL_LABELS = {"byol": "BYOL", "dino": "DINO", "simclr": "SimCLR", "mocov3": "MoCo v3", "barlowtwins": "Barlow Twins",
+              "vicreg": "VICReg", "simsiam": "SimSiam"}
+
+
+def kind_labels(ssl: str = "byol") -> dict[str, str]:
+    """Each run kind's display name when the SSL method is `ssl`."""
+    if ssl == "byol":
+        return METHOD_LABELS
+    name = SSL_LABELS[ssl]
+    return {"byol": name, "rela": f"RELA+{name}", "rela-transfer": f"RELA+{name} transfer", "untrained": "untrained"}
 
 
 def plan_runs(prior: str, budgets: list[float], transfer_prior: str | None) -> list[PlannedRun]:
@@ -359,13 +399,14 @@ def plan_runs(prior: str, budgets: list[float], transfer_prior: str | None) -> l
     return plan + [PlannedRun("untrained", "none", None)]
 
 
-def group_label(method: str, budget: float | None) -> str:
-    return METHOD_LABELS[method] + ("" if budget is None else f" {budget_label(budget)}")
+def group_label(method: str, budget: float | None, ssl: str = "byol") -> str:
+    return kind_labels(ssl)[method] + ("" if budget is None else f" {budget_label(budget)}")
 
 
-def run_name(planned: PlannedRun, seed: int) -> str:
+def run_name(planned: PlannedRun, seed: int, ssl: str = "byol") -> str:
     budget = "" if planned.budget is None else f"-{budget_label(planned.budget)}"
-    return f"{planned.method}{budget}-seed{seed}"
+    kind = planned.method if ssl == "byol" else planned.method.replace("byol", ssl)
+    return f"{kind}{budget}-seed{seed}"
 
 
 def monitor_curve(run_dir: Path) -> list[list[float]]:
@@ -399,7 +440,7 @@ def end_to_end(base: dict, *, prior: str, budgets: list[float], seeds: int, work
     runs = []
     for seed in range(seeds):
         for planned in plan_runs(prior, budgets, transfer_prior):
-            name = run_name(planned, seed)
+            name = run_name(planned, seed, base.get("method", "byol"))
             load_before = os.getloadavg()[0]
             if planned.method == "untrained":
                 row = untrained_row(quietly(name, evaluate_untrained, run_config(name, seed=seed)))
@@ -479,7 +520,7 @@ def median_time(times: list[float | None]) -> float | None:
     return None if math.isinf(median) else median
 
 
-def summarise_runs(runs: list[dict], target_drop_pp: float) -> tuple[list[dict], dict]:
+def summarise_runs(runs: list[dict], target_drop_pp: float, ssl: str = "byol") -> tuple[list[dict], dict]:
     """Per (method, budget): the mean and std over seeds and every seed's number; the difference to
     BYOL-100% paired by seed with its mean and 95% t-interval; the wall-clock ratio; the time to reach
     BYOL-100%'s mean final monitor kNN minus `target_drop_pp` points. Returns (groups, time-to-target)."""
@@ -496,7 +537,7 @@ def summarise_runs(runs: list[dict], target_drop_pp: float) -> tuple[list[dict],
     table = []
     for (method, budget), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seed"])
-        row = {"group": group_label(method, budget), "method": method, "budget": budget, "prior": rs[0]["prior"],
+        row = {"group": group_label(method, budget, ssl), "method": method, "budget": budget, "prior": rs[0]["prior"],
                "seeds": len(rs), "seed_ids": [r["seed"] for r in rs]}
         for key in ("linear_probe_top1", "knn_top1", "wall_clock_s", "training_clock_s"):
             values = [r[key] for r in rs]
@@ -526,7 +567,7 @@ def summarise_runs(runs: list[dict], target_drop_pp: float) -> tuple[list[dict],
     order = {"byol": 0, "rela": 1, "rela-transfer": 2, "untrained": 3}
     table.sort(key=lambda row: (order[row["method"]], -(row["budget"] or 0.0)))
     return table, {"target_knn_top1": target, "target_drop_pp": target_drop_pp,
-                   "target_source": f"BYOL-100%'s mean final monitor kNN over {len(finals)} seed(s) minus "
+                   "target_source": f"{kind_labels(ssl)['byol']}-100%'s mean final monitor kNN over {len(finals)} seed(s) minus "
                                     f"{target_drop_pp:g} points",
                    "reference_time_s": reference_time,
                    "clock": "training_clock_s: the run's clock (target bank included) without the monitor's time"}
@@ -544,14 +585,17 @@ def wall_clock_spread_warning(table: list[dict]) -> str | None:
             f"wall_clock_ratio_of_medians")
 
 
-def headline(table: list[dict], ttt: dict, tolerance_pp: float, claim_budget: float = 0.2) -> list[str]:
+def headline(table: list[dict], ttt: dict, tolerance_pp: float, claim_budget: float = 0.2, ssl: str = "byol"
+             ) -> list[str]:
     """The claim, tested as stated: RELA at `claim_budget` within `tolerance_pp` points of BYOL-100% at under
     half its wall-clock; in linear probe, kNN and time-to-target. Says so plainly when it is not met, and
     puts BYOL at the same budget beside it (RELA must beat simply training less)."""
+    labels = kind_labels(ssl)
+    ssl_name, rela_name = labels["byol"], labels["rela"]
     rows = {(r["method"], r["budget"]): r for r in table}
     rela = rows.get(("rela", claim_budget))
     if rela is None:
-        return [f"claim not tested: no RELA run at {budget_label(claim_budget)} (--budgets)"]
+        return [f"claim not tested: no {rela_name} run at {budget_label(claim_budget)} (--budgets)"]
     byol = rows[("byol", 1.0)]
     lines = []
     for key, short, name in (("linear_probe_top1", "linear", "linear probe"), ("knn_top1", "knn", "kNN")):
@@ -559,10 +603,10 @@ def headline(table: list[dict], ttt: dict, tolerance_pp: float, claim_budget: fl
         fast = rela["wall_clock_ratio"] < 0.5
         verdict = "MET" if close and fast else "NOT MET"
         lines.append(
-            f"claim ({name}) {verdict}: RELA {budget_label(claim_budget)} {rela[key]:.2f} ± {rela[key + '_std']:.2f}% "
-            f"vs BYOL-100% {byol[key]:.2f} ± {byol[key + '_std']:.2f}%, delta {rela[f'{short}_delta']:+.2f} points "
+            f"claim ({name}) {verdict}: {rela_name} {budget_label(claim_budget)} {rela[key]:.2f} ± {rela[key + '_std']:.2f}% "
+            f"vs {ssl_name}-100% {byol[key]:.2f} ± {byol[key + '_std']:.2f}%, delta {rela[f'{short}_delta']:+.2f} points "
             f"(95% paired CI {interval_text(rela[f'{short}_delta_ci95'])}; {'within' if close else 'NOT within'} "
-            f"{tolerance_pp:g}), wall-clock {rela['wall_clock_ratio']:.2f}x BYOL-100%'s "
+            f"{tolerance_pp:g}), wall-clock {rela['wall_clock_ratio']:.2f}x {ssl_name}-100%'s "
             f"({'under' if fast else 'NOT under'} half), {rela['seeds']} seed(s)")
     target = ttt["target_knn_top1"]
     if target is None:
@@ -574,24 +618,24 @@ def headline(table: list[dict], ttt: dict, tolerance_pp: float, claim_budget: fl
         if rela["time_to_target_s"] is None:
             how = f"median time not reached ({reached})"
         else:
-            how = (f"median {rela['time_to_target_s']:.1f}s ({reached}) vs BYOL-100%'s "
+            how = (f"median {rela['time_to_target_s']:.1f}s ({reached}) vs {ssl_name}-100%'s "
                    + ("never" if ttt["reference_time_s"] is None else f"{ttt['reference_time_s']:.1f}s")
                    + ("" if ratio is None else f", {ratio:.2f}x"))
-        lines.append(f"claim (time-to-target) {'MET' if met else 'NOT MET'}: RELA {budget_label(claim_budget)} to "
+        lines.append(f"claim (time-to-target) {'MET' if met else 'NOT MET'}: {rela_name} {budget_label(claim_budget)} to "
                      f"monitor kNN >= {target:.2f}% ({ttt['target_source']}): {how}; under half needed")
     same_budget = rows.get(("byol", claim_budget))
     if same_budget is not None:
         gain = rela["linear_probe_top1"] - same_budget["linear_probe_top1"]
         lines.append(
-            f"baseline BYOL {budget_label(claim_budget)}: linear {same_budget['linear_probe_top1']:.2f}% (delta "
+            f"baseline {ssl_name} {budget_label(claim_budget)}: linear {same_budget['linear_probe_top1']:.2f}% (delta "
             f"{same_budget['linear_delta']:+.2f}), kNN {same_budget['knn_top1']:.2f}% (delta "
-            f"{same_budget['knn_delta']:+.2f}), wall-clock {same_budget['wall_clock_ratio']:.2f}x; RELA minus BYOL "
+            f"{same_budget['knn_delta']:+.2f}), wall-clock {same_budget['wall_clock_ratio']:.2f}x; {rela_name} minus {ssl_name} "
             f"at {budget_label(claim_budget)}: linear {gain:+.2f}, "
             f"kNN {rela['knn_top1'] - same_budget['knn_top1']:+.2f} points")
     transfer = rows.get(("rela-transfer", claim_budget))
     if transfer is not None:
         lines.append(
-            f"RELA transfer {budget_label(claim_budget)} (prior {transfer_prior_of(table)}): linear "
+            f"{labels['rela-transfer']} {budget_label(claim_budget)} (prior {transfer_prior_of(table)}): linear "
             f"{transfer['linear_probe_top1']:.2f}% (delta {transfer['linear_delta']:+.2f}, "
             f"{interval_text(transfer['linear_delta_ci95'])}), kNN {transfer['knn_top1']:.2f}% (delta "
             f"{transfer['knn_delta']:+.2f}), wall-clock {transfer['wall_clock_ratio']:.2f}x")
@@ -602,7 +646,7 @@ def headline(table: list[dict], ttt: dict, tolerance_pp: float, claim_budget: fl
         for key, name in (("linear_probe_top1", "linear probe"), ("knn_top1", "kNN")):
             if untrained[key] >= rela[key] - tolerance_pp:
                 lines.append(f"caution: the untrained backbone's {name} ({untrained[key]:.2f}%) is within "
-                             f"{tolerance_pp:g} points of RELA {budget_label(claim_budget)}'s or above it "
+                             f"{tolerance_pp:g} points of {rela_name} {budget_label(claim_budget)}'s or above it "
                              f"({rela[key]:.2f}%): in {name} these runs show no learning to compare")
     return lines
 
@@ -690,6 +734,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="default: bf16 autocast (+ channels_last) on CUDA, fp32 on the CPU")
     parser.add_argument("--prior", default="rand", help="RELA's prior (rela.train --prior)")
+    parser.add_argument("--method", choices=METHOD_NAMES, default="byol",
+                        help="the SSL method of every end-to-end run: alone at 100%% and at the reduced budgets, and "
+                             "after RELA (rela.train --method)")
+    parser.add_argument("--methods", nargs="*", choices=METHOD_NAMES, default=list(METHOD_NAMES),
+                        help="step throughput per method: its own step against the RELA-phase step on its networks")
     parser.add_argument("--transfer-prior", default=None, metavar="SPEC",
                         help="also RELA from a prior trained elsewhere at each budget, e.g. run:DIR of a digits run "
                              "as the prior for a harder dataset")
@@ -779,7 +828,8 @@ def main(argv: list[str] | None = None) -> dict:
         notes.append("on the CPU the loader and the step share the cores: a run goes at about 1/(1/loader + 1/step)")
 
     # The dataset's configuration: preset, then what was given here.
-    given = {"dataset": args.dataset, "device": args.device, "precision": args.precision, "prior": args.prior}
+    given = {"dataset": args.dataset, "device": args.device, "precision": args.precision, "prior": args.prior,
+             "method": args.method}
     for name in ("data", "arch", "batch_size", "image_size", "epochs", "probe_epochs", "recipe",
                  "rela_averaging_scale", "monitor_every", "monitor_size"):
         if getattr(args, name) is not None:
@@ -818,7 +868,12 @@ def main(argv: list[str] | None = None) -> dict:
         step_rows += time_steps(setup, device, warmup=args.step_warmup, rounds=args.step_rounds,
                                 repeats=args.step_repeats)
     ratios = step_ratios(step_rows)
-    payload["step"] = {"setups": [asdict(s) for s in setups], "rows": step_rows, "ratios": ratios,
+    method_rows = []
+    if args.methods:
+        print(f"timing each method's step against the RELA-phase step: {', '.join(args.methods)}", flush=True)
+        method_rows = time_method_steps(setups[0], cfg, device, args.methods, warmup=args.step_warmup,
+                                        rounds=args.step_rounds, repeats=args.step_repeats)
+    payload["step"] = {"setups": [asdict(s) for s in setups], "rows": step_rows, "ratios": ratios, "methods": method_rows,
                        "goals": {"rela_over_byol": 1.3, "byol_over_supervised": 0.35,
                                  "byol_over_supervised_parity": BYOL_PARITY}}
     trainer_fused = "on" if fused_skip_reason(device) is None else "off"
@@ -840,16 +895,17 @@ def main(argv: list[str] | None = None) -> dict:
     # 3. End to end
     if "e2e" not in args.skip:
         plan = plan_runs(args.prior, args.budgets, args.transfer_prior)
-        print(f"end-to-end runs per seed: {', '.join(group_label(*p.group) for p in plan)}; {args.seeds} seed(s), "
+        print(f"end-to-end runs per seed: {', '.join(group_label(*p.group, args.method) for p in plan)}; {args.seeds} seed(s), "
               f"{cfg.epochs} epochs, recipe {cfg.recipe}", flush=True)
         base = {k: v for k, v in given.items() if k != "prior"}
         with tempfile.TemporaryDirectory(prefix="rela-throughput-") as work_dir:
             runs = end_to_end(base, prior=args.prior, budgets=args.budgets, seeds=args.seeds, work_dir=Path(work_dir),
                               transfer_prior=args.transfer_prior)
-        table, ttt = summarise_runs(runs, args.target_drop_pp)
-        payload["end_to_end"] = {"recipe": cfg.recipe, "prior": args.prior, "transfer_prior": args.transfer_prior,
+        table, ttt = summarise_runs(runs, args.target_drop_pp, args.method)
+        payload["end_to_end"] = {"recipe": cfg.recipe, "method": args.method, "prior": args.prior,
+                                 "transfer_prior": args.transfer_prior,
                                  "plan": [asdict(p) for p in plan], "runs": runs, "summary": table,
-                                 "time_to_target": ttt, "headline": headline(table, ttt, args.tolerance_pp),
+                                 "time_to_target": ttt, "headline": headline(table, ttt, args.tolerance_pp, ssl=args.method),
                                  "warning": wall_clock_spread_warning(table)}
         if "target_bank" in payload:
             rela_runs = [r for r in runs if r["method"] == "rela"]
@@ -882,7 +938,8 @@ def main(argv: list[str] | None = None) -> dict:
             e2e = payload["end_to_end"]
             png = plot_time_to_accuracy(e2e["runs"], e2e["summary"], e2e["time_to_target"],
                                         args.out / f"{args.name}.png",
-                                        title=f"{cfg.dataset}, {cfg.arch}, {cfg.epochs} epochs, recipe {cfg.recipe}, "
+                                        title=f"{kind_labels(args.method)['byol']}: {cfg.dataset}, {cfg.arch}, "
+                                              f"{cfg.epochs} epochs, recipe {cfg.recipe}, "
                                               f"{payload['environment']['device']}",
                                         tolerance_pp=args.tolerance_pp)
             print(f"wrote {png}")
@@ -916,7 +973,7 @@ def report(payload: dict) -> None:
         ttt = e2e["time_to_target"]
         target = "-" if ttt["target_knn_top1"] is None else f"{ttt['target_knn_top1']:.2f}%"
         print(f"\n== wall-clock saving against honest baselines (mean ± std over seeds, every seed; deltas to "
-              f"BYOL-100% paired by seed; time to monitor kNN {target}, the median over seeds) ==")
+              f"{kind_labels(e2e.get('method', 'byol'))['byol']}-100% paired by seed; time to monitor kNN {target}, the median over seeds) ==")
         print_table(summary_display(e2e["summary"]),
                     ["group", "seeds", "linear", "linear_per_seed", "linear_delta [95% CI]", "knn", "knn_per_seed",
                      "knn_delta [95% CI]", "wall_clock_s", "wall_clock_ratio", "wall_clock_ratio_of_medians",

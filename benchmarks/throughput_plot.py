@@ -1,15 +1,9 @@
 """The picture of benchmarks/throughput.py. Left, the claim: the kNN monitor's accuracy against the training
-clock, one thin line per seed, one colour per (method, budget), BYOL-100%'s target and each group's median
+clock, one thin line per seed, one colour per (run kind, budget), the SSL method's 100% run's target and each group's median
 time to reach it. Right: final accuracy against wall-clock, one point per run."""
 from __future__ import annotations
 
 from pathlib import Path
-
-METHOD_NAMES = {"byol": "BYOL", "rela": "RELA", "rela-transfer": "RELA transfer", "untrained": "untrained"}
-
-
-def group_name(method: str, budget: float | None) -> str:
-    return METHOD_NAMES[method] + ("" if budget is None else f" {100 * budget:g}%")
 
 
 def group_colours(groups: list[tuple[str, float | None]]) -> dict:
@@ -34,13 +28,14 @@ def plot_time_to_accuracy(runs: list[dict], summary: list[dict], ttt: dict, path
     Left: monitor kNN (%) against training_clock_s (the run's clock, bank included, without the monitor's
     own time); a dashed line per run, the target as a horizontal line, a marker at each group's median time
     to the target. Right: final linear-probe (filled) and kNN (hollow) accuracy against wall-clock, seeds small,
-    means large, BYOL-100%'s linear-probe mean down to `tolerance_pp` below it as a band."""
+    means large, the method's 100% run's linear-probe mean down to `tolerance_pp` below it as a band."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and in CI
     import matplotlib.pyplot as plt
 
     groups = [(r["method"], r["budget"]) for r in summary]
+    reference = next(r for r in summary if (r["method"], r["budget"]) == ("byol", 1.0))  # the method alone, 100%
     colours = group_colours(groups)
     fig, (curve_ax, final_ax) = plt.subplots(1, 2, figsize=(14, 5.5), width_ratios=(1.6, 1), constrained_layout=True)
 
@@ -66,7 +61,7 @@ def plot_time_to_accuracy(runs: list[dict], summary: list[dict], ttt: dict, path
             curve_ax.axvline(row["time_to_target_s"], color=colour, lw=0.8, ls=":", alpha=0.9)
     if target is not None:
         curve_ax.axhline(target, color="black", lw=1, ls="--")
-        curve_ax.annotate(f"target {target:.1f}% (BYOL-100% final - {ttt['target_drop_pp']:g})",
+        curve_ax.annotate(f"target {target:.1f}% ({reference['group']} final - {ttt['target_drop_pp']:g})",
                           xy=(1, target), xycoords=("axes fraction", "data"), xytext=(-4, 4),
                           textcoords="offset points", ha="right", va="bottom", fontsize=8)
         points = [p[1] for r in runs for p in r["monitor"]] + [target]
@@ -80,7 +75,6 @@ def plot_time_to_accuracy(runs: list[dict], summary: list[dict], ttt: dict, path
     curve_ax.grid(alpha=0.3)
     curve_ax.legend(fontsize=8, loc="best", framealpha=0.9)
 
-    reference = next(r for r in summary if (r["method"], r["budget"]) == ("byol", 1.0))
     mean = reference["linear_probe_top1"]
     final_ax.axhspan(mean - tolerance_pp, mean, color="black", alpha=0.08, lw=0)
     final_ax.axhline(mean, color="black", ls="--", lw=1)

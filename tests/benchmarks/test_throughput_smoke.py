@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.throughput import (StepSetup, median_time, paired_interval, plan_runs, project_imagenet,
-                                   time_to_target)
+from benchmarks.throughput import (PlannedRun, StepSetup, group_label, median_time, paired_interval, plan_runs,
+                                   project_imagenet, run_name, time_to_target)
+from rela.config import METHOD_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -111,6 +112,22 @@ def test_step_rows_time_byol_rela_and_supervised_and_say_why_fused_is_skipped(qu
 
 
 @pytest.mark.slow
+def test_every_method_has_a_step_row_against_its_rela_phase_step(quick_run):
+    _, _, payload = quick_run
+    rows = payload["step"]["methods"]
+    assert [r["method"] for r in rows] == list(METHOD_NAMES)
+    for r in rows:
+        assert finite(r["method_images_per_s"]) and finite(r["rela_images_per_s"]) and r["method_images_per_s"] > 0
+        assert r["rela_over_method"] == pytest.approx(r["rela_images_per_s"] / r["method_images_per_s"])
+
+
+def test_labels_follow_the_ssl_method():
+    assert group_label("byol", 1.0) == "BYOL 100%"
+    assert group_label("byol", 1.0, "dino") == "DINO 100%"
+    assert group_label("rela", 0.2, "simclr") == "RELA+SimCLR 20%"
+    assert run_name(PlannedRun("byol", "none", 1.0), 0, "vicreg") == "vicreg-100%-seed0"
+
+
 def test_loader_and_bank_are_finite(quick_run):
     _, _, report = quick_run
     loader = report["loader"]["rows"]
