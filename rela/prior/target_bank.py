@@ -4,6 +4,9 @@ Built once and kept under --bank-dir, one file per (dataset, prior spec, target 
 it was built for: the dataset's fingerprint, the prior's (spec and weights hash), the input size and the
 preprocessing. A run with the same key reuses it; a changed key rebuilds it and says which part changed.
 The raw pass over the images is rela._C's (rela/prior/raw_features.py): sharded over ranks, resumable.
+Two runs that need the same bank at once do not both build it: the first holds a file lock beside it
+while it checks and builds, the second waits and then reuses the bank. A bank file is checked before use
+(its zip archive's CRC-32s: a flipped byte or a torn file) and read with the weights-only unpickler.
 On CUDA the prior runs under bf16 autocast on channels_last images (fp32 elsewhere); the precision is part
 of the key, so a bf16 bank is never taken for an fp32 one. The next batch's images are read on a thread
 while the prior runs on the current one, and the PCA projection of the rows is split over ranks and
@@ -26,7 +29,9 @@ from rela.errors import RelaError
 from rela.prior.pca import PcaProjection, pca_from_sums
 from rela.prior.specs import Prior
 from rela.utils import distributed as dist_utils
-from rela.utils.checkpoint import atomic_torch_save
+from rela.utils.checkpoint import atomic_torch_save, check_archive, load_plain
+from rela.utils.faults import kill_point
+from rela.utils.locks import FileLock
 
 BANK_FORMAT = 1
 
@@ -157,14 +162,20 @@ def key_differences(stored: dict, wanted: dict) -> list[str]:
 
 
 def _read_bank(path: Path) -> tuple[dict, torch.Tensor]:
-    """(key, targets) of a bank file; RelaError if it is missing or not a bank."""
+    """(key, targets) of a bank file; RelaError if it is missing, damaged, unsafe or not a bank."""
     if not path.is_file():
         raise RelaError(f"target bank {path} does not exist")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        return saved["key"], saved["targets"]
-    except Exception as err:  # torn, foreign or unpicklable: the user's file, not our bug
+        check_archive(path)
+        saved = load_plain(path)
+        key, targets = saved["key"], saved["targets"]
+    except RelaError as err:
         raise RelaError(f"cannot read target bank {path}: {err}") from None
+    except Exception as err:  # torn or foreign: the user's file, not our bug
+        raise RelaError(f"cannot read target bank {path}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
+    if not isinstance(key, dict) or not isinstance(targets, torch.Tensor):
+        raise RelaError(f"cannot read target bank {path}: not a target bank written by rela")
+    return key, targets
 
 
 def load_bank_file(path: Path, wanted_key: dict, device) -> TargetBank:
@@ -193,19 +204,30 @@ def prepare_target_bank(prior: Prior, load_images, *, num_rows: int, dataset_fin
         return bank
     bank_dir = Path(bank_dir)
     path = bank_dir / f"bank-{_slug(dataset_name, prior.spec)}-k{target_dim}.pt"
-    if path.is_file():
-        try:
-            stored_key, targets = _read_bank(path)
-            differences = key_differences(stored_key, key)
-        except RelaError as err:  # a cached bank that does not read is rebuilt, not fatal
-            differences = [str(err)]
-        if not differences:
-            log.info(f"target bank: reusing {path} ({num_rows} x {targets.shape[1]})")
-            return TargetBank(targets.to(device), key, time.time() - start, reused=True)
-        log.info(f"target bank: {path} was built for another key, rebuilding: {'; '.join(differences)}")
-    targets = _build(prior, load_images, key, path, num_rows=num_rows, batch_size=batch_size, dist=dist,
-                     device=device, log=log, show_progress=show_progress)
-    return TargetBank(targets, key, time.time() - start, reused=False)
+    # One process builds, the others wait and reuse: rank 0 of each run takes the lock, its ranks follow.
+    lock = FileLock(bank_dir / f".{path.name}.lock") if dist.is_main else None
+    if lock is not None and not lock.try_acquire():
+        log.info(f"target bank: another process (pid {lock.holder()}) is building {path}; waiting for it")
+        lock.acquire()
+    dist_utils.barrier()
+    try:
+        if path.is_file():
+            try:
+                stored_key, targets = _read_bank(path)
+                differences = key_differences(stored_key, key)
+            except RelaError as err:  # a cached bank that does not read is rebuilt, not fatal
+                stored_key, differences = None, [str(err)]
+            if not differences:
+                log.info(f"target bank: reusing {path} ({num_rows} x {targets.shape[1]})")
+                return TargetBank(targets.to(device), key, time.time() - start, reused=True)
+            log.info(f"target bank: {path} was built for another key, rebuilding: {'; '.join(differences)}"
+                     if stored_key is not None else f"target bank: {differences[0]}; rebuilding it")
+        targets = _build(prior, load_images, key, path, num_rows=num_rows, batch_size=batch_size, dist=dist,
+                         device=device, log=log, show_progress=show_progress)
+        return TargetBank(targets, key, time.time() - start, reused=False)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _build(prior: Prior, load_images, key: dict, path: Path, *, num_rows: int, batch_size: int,
@@ -234,12 +256,20 @@ def _build(prior: Prior, load_images, key: dict, path: Path, *, num_rows: int, b
     def progress(done: int, total: int) -> None:
         bar.update(done - done_so_far[0])
         done_so_far[0] = done
+        kill_point("bank-build", done)  # tests: a death part-way through the raw pass
 
     shard_end = shard_bounds(num_rows, dist.world_size)[dist.rank + 1]
+    raw_args = dict(batch_size=batch_size, rank=dist.rank, world_size=dist.world_size, device=device,
+                    progress=progress)
     with PrefetchingLoader(load_images, next_in_shard(shard_end)) as load:
-        raw = build_raw_features(encode, load, num_rows, feature_dim, raw_path,
-                                 _digest(raw_key), batch_size=batch_size, rank=dist.rank,
-                                 world_size=dist.world_size, device=device, progress=progress)
+        try:
+            raw = build_raw_features(encode, load, num_rows, feature_dim, raw_path, _digest(raw_key), **raw_args)
+        except RelaError as err:  # the raw file is a cache: a damaged one (its checksum, its header) is rebuilt
+            if not raw_path.exists():
+                raise
+            log.info(f"target bank: {err}; rebuilding it")
+            raw = build_raw_features(encode, load, num_rows, feature_dim, raw_path, _digest(raw_key),
+                                     rebuild=True, **raw_args)
     bar.close()
     row_sum = dist_utils.all_reduce_sum_(raw.row_sum.to(device))
     outer_sum = dist_utils.all_reduce_sum_(raw.row_outer_sum.to(device))
@@ -251,9 +281,17 @@ def _build(prior: Prior, load_images, key: dict, path: Path, *, num_rows: int, b
     if projection.components.shape[1] < key["target_dim"]:
         log.info(f"target bank: the prior's features span {projection.components.shape[1]} dimensions, "
                  f"fewer than the {key['target_dim']} asked for; targets use those")
+    error = None
     if dist.is_main:
-        atomic_torch_save({"key": key, "targets": targets.cpu(), "projection": projection.__dict__}, path)
-    dist_utils.barrier()
+        existed = path.is_file()
+        try:
+            atomic_torch_save({"key": key, "targets": targets.cpu(), "projection": projection.__dict__}, path)
+        except OSError as err:  # a full or read-only disk: said on every rank, the file there before kept
+            error = (f"cannot write target bank {path}: {err.strerror or err} (errno {err.errno}); "
+                     + ("the bank file there before is intact" if existed else "nothing was written there"))
+    error = dist_utils.gather_objects(error, dist)[0]  # also the barrier: the file is complete for every rank
+    if error is not None:
+        raise RelaError(error)
     return targets
 
 

@@ -1,14 +1,22 @@
 """A run's saved state: the one list of what a checkpoint holds, and the one save/restore pair.
 
 Writes are atomic: a temporary file beside the target, fsync, rename, fsync of the folder. A crash at
-any point leaves either the old file or the new one, never a torn one."""
+any point leaves either the old file or the new one, never a torn one; a write that fails (a full or
+read-only disk) leaves the old one and stops the run with an error naming the file.
+
+Reads trust nothing: a checkpoint, a target bank or a `run:` prior may come from someone else, so files
+are loaded with torch's weights-only unpickler (tensors and plain data; a file that asks for any other
+Python object is refused before anything runs), after the zip archive's CRC-32s are checked (a torn
+or bit-flipped file is named, not half-loaded)."""
 from __future__ import annotations
 
 import io
 import json
 import os
+import pickle
 import re
 import time
+import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +26,7 @@ import torch
 from rela.config import TRAJECTORY_OPTIONS, config_to_dict
 from rela.errors import RelaError
 from rela.utils.distributed import barrier, gather_objects
+from rela.utils.faults import kill_point, write_fault
 
 if TYPE_CHECKING:  # rela.run imports this module
     from rela.run import Run
@@ -29,9 +38,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
+            if (fault := write_fault(path)) is not None:  # tests: a disk that fills half-way
+                fh.write(data[: len(data) // 2])
+                raise fault
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        kill_point("write", path.name)  # tests: a death between the complete temporary file and the rename
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -61,26 +74,81 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"ckpt-{step:09d}.pt"
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint files, oldest first."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = _checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def latest_intact_checkpoint(run_dir: Path, warn) -> Path | None:
+    """The newest checkpoint whose archive is whole (`check_archive`); each damaged newer one is named
+    through `warn(message)` and passed over: a run resumes from the one before rather than not at all.
+    None for a folder without checkpoints (a fresh run); RelaError if every one is damaged."""
+    found = _checkpoints(run_dir)
+    for path in reversed(found):
+        try:
+            check_archive(path)
+            return path
+        except RelaError as err:
+            warn(f"warning: {err}; trying the checkpoint before it")
+    if found:
+        raise RelaError(f"no intact checkpoint in {Path(run_dir) / 'checkpoints'}: all {len(found)} are damaged")
+    return None
 
 
 def prune_checkpoints(run_dir: Path, keep: int = 2) -> None:
-    folder = Path(run_dir) / "checkpoints"
-    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)))
-    for _, p in found[:-keep]:
+    """Keeps the newest `keep` checkpoints; removes temporary files that a killed writer left behind."""
+    for p in _checkpoints(run_dir)[:-keep]:
         p.unlink(missing_ok=True)
+    for p in (Path(run_dir) / "checkpoints").glob(".ckpt-*.pt.tmp-*"):
+        if p.name.rsplit("-", 1)[1] != str(os.getpid()):
+            p.unlink(missing_ok=True)
+
+
+def check_archive(path: Path) -> None:
+    """RelaError naming `path` unless it is a whole zip archive (torch.save's format) whose every member
+    matches its CRC-32: catches a truncated file and a flipped byte, which torch.load may read silently."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as err:
+        raise RelaError(f"{path} is damaged (truncated or not a torch file: {err})") from None
+    if bad is not None:
+        raise RelaError(f"{path} is damaged: its member {bad} fails its CRC-32 check (a corrupted byte)")
+
+
+def load_plain(path: Path) -> Any:
+    """torch.load of a file that may come from someone else: tensors and plain data (dict, list, tuple,
+    str, numbers, None) only. A file that asks the unpickler for any other object (a crafted one can name
+    a function to call) raises RelaError before anything runs; the caller adds which file it was."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        asked = re.search(r"GLOBAL ([\w.]+)", str(err))
+        raise RelaError("refused: it holds Python objects other than tensors and plain data, and loading it "
+                        f"could run code (it asks the unpickler for {asked.group(1) if asked else 'other objects'})"
+                        ) from None
 
 
 def load_checkpoint(path: Path) -> dict:
+    check_archive(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a torn or foreign file: name it rather than show a pickle traceback
+        saved = load_plain(path)
+    except RelaError as err:
         raise RelaError(f"cannot load checkpoint {path}: {err}") from None
+    except Exception as err:  # a foreign file: name it rather than show a pickle traceback
+        raise RelaError(f"cannot load checkpoint {path}: {str(err).strip().splitlines()[0]}") from None
+    if not isinstance(saved, dict) or "train_state" not in saved:
+        raise RelaError(f"cannot load checkpoint {path}: not a checkpoint written by rela.train")
+    return saved
 
 
 def save_checkpoint(run: "Run") -> Path:
@@ -131,7 +199,13 @@ class CheckpointWriter:
 
     @staticmethod
     def _write(state: dict, path: Path, run_dir: Path) -> None:
-        atomic_torch_save(state, path)
+        previous = latest_checkpoint(run_dir)
+        try:
+            atomic_torch_save(state, path)
+        except OSError as err:  # a full or read-only disk: the run stops; what was on disk stays
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint"
+            raise RelaError(f"cannot write checkpoint {path}: {err.strerror or err} (errno {err.errno}); "
+                            f"{kept}") from None
         prune_checkpoints(run_dir)
 
     def wait(self) -> None:

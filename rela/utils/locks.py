@@ -1,0 +1,81 @@
+"""Advisory file locks (fcntl.flock) that keep two processes from writing the same run folder or building
+the same target bank at once. The kernel drops a lock when its holder dies, however it dies (SIGKILL
+included), so a lock never outlives its run and no stale lock file needs cleaning up."""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from rela.errors import RelaError
+from rela.utils import distributed as dist_utils
+
+
+class FileLock:
+    """An exclusive flock on `path` (created if missing), which records the holder's pid for messages.
+    Works on local file systems and on NFS v4 (flock is emulated with POSIX locks there)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        return self._lock(fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def acquire(self) -> None:
+        self._lock(fcntl.LOCK_EX)
+
+    def holder(self) -> str:
+        """The pid recorded by the process that holds (or last held) the lock, or '?'."""
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def _lock(self, flags: int) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, flags)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def __enter__(self) -> "FileLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+RUN_LOCK_NAME = ".lock"
+
+
+def lock_run_folder(run_dir: Path, dist: dist_utils.DistInfo) -> FileLock | None:
+    """Rank 0 takes the run folder's lock for the run's life; RelaError on every rank if another process
+    holds it (a second run on the same --out would interleave checkpoints and metrics with the first)."""
+    lock, error = None, None
+    if dist.is_main:
+        lock = FileLock(Path(run_dir) / RUN_LOCK_NAME)
+        if not lock.try_acquire():
+            error = (f"{run_dir} is in use by another run (pid {lock.holder()} holds {lock.path}); wait for it "
+                     "to end, or pass another --out")
+            lock = None
+    error = dist_utils.gather_objects(error, dist)[0]
+    if error is not None:
+        raise RelaError(error)
+    return lock
