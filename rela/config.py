@@ -285,7 +285,7 @@ TRAJECTORY_OPTIONS = ("dataset", "data", "image_size", "arch", "prior", "prior_s
                       "batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "warmup_epochs", "base_momentum",
                       "proj_hidden", "proj_dim", "rela_phase", "rela_threshold", "rela_averaging_scale", "rela_train_map", "seed",
                       "rela_map_bias", "rela_views", "byol_blur", "lr_schedule", "momentum_schedule",
-                      "rela_crop_min_scale", "byol_crop_min_scale", "method", "temperature", "dino_out_dim",
+                      "rela_crop_min_scale", "byol_crop_min_scale", "val_fraction", "sync_bn", "method", "temperature", "dino_out_dim",
                       "dino_student_temp", "dino_teacher_temp", "dino_warmup_teacher_temp", "dino_warmup_teacher_epochs",
                       "dino_center_momentum", "barlow_lambda", "vicreg_sim_weight", "vicreg_var_weight",
                       "vicreg_cov_weight")

@@ -13,6 +13,7 @@ from rela.run import Run
 from rela.utils import distributed as dist_utils
 from rela.utils.checkpoint import atomic_torch_save, atomic_write_json, cpu_copy
 from rela.utils.digest import state_digest
+from rela.utils.faults import kill_point
 
 
 def evaluate(run: Run) -> dict:
@@ -34,6 +35,7 @@ def evaluate(run: Run) -> dict:
                   dist=run.dist, autocast_dtype=run.autocast_dtype, show_progress=cfg.progress)
     train_x, train_y = extract_features(backbone, run.train_source, **common)
     val_x, val_y = extract_features(backbone, val_source, **common)
+    kill_point("evaluate", run.state.step)  # tests: a death during evaluation
     results = probe_and_knn(train_x, train_y, val_x, val_y, run.splits.num_classes, protocol=cfg.probe_protocol,
                             probe_epochs=cfg.probe_epochs, seed=cfg.seed, knn_k=cfg.knn_k,
                             knn_temperature=cfg.knn_temperature)

@@ -24,8 +24,12 @@ from rela.run import Run, build_run, configure_backends, pick_device, wrap_for_r
 from rela.step import train_step
 from rela.summary import evaluate, write_summary
 from rela.utils import distributed as dist_utils
-from rela.utils.checkpoint import atomic_write_json, latest_checkpoint, restore_checkpoint, save_checkpoint
-from rela.utils.faults import kill_point
+from rela.utils.checkpoint import (atomic_write_json, latest_checkpoint, latest_intact_checkpoint, restore_checkpoint,
+                                   save_checkpoint)
+from rela.utils.faults import kill_point, poisoned_lr
+from rela.utils.locks import lock_run_folder
+from rela.utils.nonfinite import NonFiniteLossGuard
+from rela.utils.signals import EXIT_REQUEUE, StopRequested, defer_signals, stop_due, stop_on_signals
 from rela.utils.progress import Progress, RunLog
 
 
@@ -45,10 +49,11 @@ def run(cfg: Config) -> dict | None:
     configure_backends(device, cfg.deterministic)
     torch.manual_seed(cfg.seed)
     run_dir = _run_folder(cfg, dist)
+    lock = lock_run_folder(run_dir, dist)  # a second run on the same --out is refused, not interleaved
     log = RunLog(run_dir, dist.is_main, loggers=cfg.logger)
     try:
         r = build_run(cfg, dist, device, run_dir, log, start_time)
-        resume_from = dist_utils.gather_objects(_resume_path(cfg, run_dir), dist)[0]  # rank 0's choice, for all
+        resume_from = dist_utils.gather_objects(_resume_path(cfg, run_dir, log), dist)[0]  # rank 0's, for all
         if resume_from is not None:
             restore_checkpoint(r, resume_from)
             r.model = wrap_for_ranks(r.learner, dist, device, r.state.phase)
@@ -66,6 +71,8 @@ def run(cfg: Config) -> dict | None:
         return summary
     finally:
         log.close()
+        if lock is not None:
+            lock.release()
         dist_utils.shutdown()
 
 
@@ -89,13 +96,15 @@ def train(run: Run) -> bool:
     bar = Progress(total=run.schedule.total_steps, desc="train", unit="step", enabled=run.dist.is_main and cfg.progress,
                    initial=state.step)
     window = _Window()
+    guard = NonFiniteLossGuard(run.device)  # no checkpoint of weights that a NaN or inf loss produced
     if run.monitor is not None and state.step == 0:
         _monitor(run)  # where every curve starts: the untrained network
+    defer_signals(True)  # SIGTERM, SIGUSR1: checkpoint and stop at the next step boundary
     try:
         while state.epoch < cfg.epochs:
             epoch_over = False
             for micro_batches, epoch_over in _epoch_steps(run, window):
-                _optimizer_step(run, micro_batches, epoch_over, window, bar)
+                _optimizer_step(run, micro_batches, epoch_over, window, bar, guard)
                 kill_point("after-step", state.step)  # tests: a death between a log row and a checkpoint
                 if state.phase == "rela" and _rela_phase_over(run):
                     _hand_over(run, ended_by="plateau" if run.schedule.rela_end_fixed is None else "fraction")
@@ -106,7 +115,15 @@ def train(run: Run) -> bool:
                     _monitor(run)
                 checkpointed = _checkpoint_due(run, epoch_over)
                 if checkpointed:
+                    guard.check(run.dist, run.run_dir)
                     save_checkpoint(run)
+                if (signal_name := stop_due(run.dist, run.device, _log_step(run, epoch_over))) is not None:
+                    if not checkpointed:
+                        guard.check(run.dist, run.run_dir)
+                        save_checkpoint(run)
+                    run.checkpoints.wait()
+                    raise StopRequested(f"{signal_name} received: stopped after step {state.step} with a checkpoint; "
+                                        "resume with --resume auto")
                 if cfg.stop_after_steps is not None and state.step >= cfg.stop_after_steps and state.epoch < cfg.epochs:
                     if not checkpointed:
                         save_checkpoint(run)
@@ -115,7 +132,9 @@ def train(run: Run) -> bool:
                     return False
             if not epoch_over:  # the epoch's last batches held only skipped files
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        guard.check(run.dist, run.run_dir)
     finally:
+        defer_signals(False)
         bar.close()
         run.checkpoints.wait()  # the last checkpoint is on disk before anything reads or resumes from it
     if state.phase == "rela":  # the loss never plateaued: the whole run was the RELA phase
@@ -142,11 +161,11 @@ def _epoch_steps(run: Run, window: "_Window") -> Iterator[tuple[list[TrainBatch]
 
 
 def _optimizer_step(run: Run, micro_batches: list[TrainBatch], epoch_over: bool, window: "_Window",
-                    bar: Progress) -> None:
+                    bar: Progress, guard: NonFiniteLossGuard) -> None:
     """One step of the current phase, its counters, the controller's update and, at logging steps (every
     --log-every and at each epoch's end), a metrics row."""
     state = run.state
-    lr, momentum = run.schedule.lr(state.step), run.schedule.momentum(state.step)
+    lr, momentum = poisoned_lr(state.step, run.schedule.lr(state.step)), run.schedule.momentum(state.step)
     run.learner.method.schedule(state.step, run.steps_per_epoch)
     loss, probe_loss, probe_accuracy = train_step(
         run.model, run.optimizer, run.ema, micro_batches, phase=state.phase, bank=run.bank, lr=lr,
@@ -156,10 +175,12 @@ def _optimizer_step(run: Run, micro_batches: list[TrainBatch], epoch_over: bool,
     state.images_seen += seen
     state.step += 1
     state.step_in_epoch += 1
+    guard.observe(loss, state.step)
     if state.phase == "rela":
         run.controller.update(dist_utils.all_reduce_mean_(loss.detach().float().clone()), state.step)
-    log_now = state.step % run.cfg.log_every == 0 or epoch_over
+    log_now = _log_step(run, epoch_over)
     if log_now:
+        guard.check(run.dist, run.run_dir)
         elapsed = window.elapsed()
         record = {"step": state.step, "epoch": state.epoch, "phase": state.phase,
                   # what really ran: the learner's step function and the views the loader made
@@ -174,6 +195,11 @@ def _optimizer_step(run: Run, micro_batches: list[TrainBatch], epoch_over: bool,
         bar.update(0, loss=f"{record['loss']:.4f}", phase=state.phase, rho=f"{record['rho']:.4f}")
         window.reset()
     bar.update(1)
+
+
+def _log_step(run: Run, epoch_over: bool) -> bool:
+    """Every --log-every steps and at each epoch's end: where the host reads the device's numbers."""
+    return run.state.step % run.cfg.log_every == 0 or epoch_over
 
 
 def _checkpoint_due(run: Run, epoch_over: bool) -> bool:
@@ -227,6 +253,7 @@ def _hand_over(run: Run, ended_by: str) -> None:
     """From the RELA phase to the SSL method's: the step function and the loader's views change from the next step."""
     state, method = run.state, run.cfg.method
     state.phase, state.rela_phase_end_step, state.rela_phase_ended_by = method, state.step, ended_by
+    kill_point("hand-over", state.step)  # tests: a death at the switch step
     run.loader.set_view_mode(method)
     if run.dist.enabled:
         run.model = wrap_for_ranks(run.learner, run.dist, run.device, method)
@@ -271,11 +298,13 @@ def _run_folder(cfg: Config, dist: dist_utils.DistInfo) -> Path:
     return run_dir
 
 
-def _resume_path(cfg: Config, run_dir: Path) -> Path | None:
+def _resume_path(cfg: Config, run_dir: Path, log: RunLog) -> Path | None:
+    """--resume auto: the newest intact checkpoint (a damaged newer one is named and passed over), or
+    None in a folder without any, so a restarted job can always pass --resume auto."""
     if cfg.resume is None:
         return None
     if cfg.resume == "auto":
-        return latest_checkpoint(run_dir)
+        return latest_intact_checkpoint(run_dir, warn=log.info)
     path = Path(cfg.resume)
     if not path.is_file():
         raise RelaError(f"--resume {path}: no such checkpoint")
@@ -285,10 +314,14 @@ def _resume_path(cfg: Config, run_dir: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        run(parse_config(argv))
+        with stop_on_signals():
+            run(parse_config(argv))
     except RelaError as err:
         print(f"rela.train: error: {err}", file=sys.stderr)
         return 1
+    except StopRequested as stop:  # preemption: the job is to be requeued with --resume auto
+        print(f"rela.train: {stop}", file=sys.stderr)
+        return EXIT_REQUEUE
     finally:  # main() is also called in-process (tests, benchmarks): leave torch as we found it
         torch.use_deterministic_algorithms(deterministic_before)
     return 0

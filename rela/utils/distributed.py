@@ -32,10 +32,15 @@ def init_distributed(device_type: str) -> DistInfo:
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        # torchrun's agent keeps one store across restarts (--max-restarts): a restarted group would read the
+        # dead group's addresses (gloo: "connectFullMesh failed ... Connection refused"). A prefix per attempt.
+        store, _, _ = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"rela/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         if device_type == "cuda":  # bound to this rank's GPU: NCCL makes its communicators eagerly
-            dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local_rank))
+            dist.init_process_group(backend="nccl", store=store, rank=rank, world_size=world_size,
+                                    device_id=torch.device("cuda", local_rank))
         else:
-            dist.init_process_group(backend="gloo")
+            dist.init_process_group(backend="gloo", store=store, rank=rank, world_size=world_size)
     return DistInfo(rank, world_size, local_rank)
 
 
