@@ -1,0 +1,25 @@
+"""A NaN loss stops the run naming the step and the loss; no checkpoint holds the weights it produced."""
+from __future__ import annotations
+
+import torch
+
+from fault_runs import ARGS
+from rela.train import main
+from rela.utils.checkpoint import latest_checkpoint, load_checkpoint
+
+
+def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_finite_checkpoint(tmp_path, uninterrupted,
+                                                                               monkeypatch, capsys):
+    out = tmp_path / "run"
+    # Step 6 (index 5) runs with a NaN learning rate: its loss is finite, the weights after it are not, and
+    # step 7's loss is the first NaN. Checkpoints are due at 4 and 8; the check before step 8's stops the run.
+    monkeypatch.setenv("RELA_NAN_AT", "5")
+    assert main([*ARGS, "--bank-dir", str(uninterrupted.parent / "banks"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert (f"rela.train: error: the loss is nan at step 7 (non-finite at 2 step(s) so far): stopped without "
+            f"checkpointing those weights; the last checkpoint, {out / 'checkpoints' / 'ckpt-000000004.pt'}, "
+            "holds finite weights") in err, err[-3000:]
+    assert latest_checkpoint(out).name == "ckpt-000000004.pt"
+    saved = load_checkpoint(latest_checkpoint(out))
+    assert all(torch.isfinite(t).all() for t in saved["learner"].values() if t.is_floating_point())
+    assert not (out / "summary.json").exists()
