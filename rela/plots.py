@@ -76,6 +76,8 @@ def write_curves(run_dir: str | Path) -> Path:
         low = min(rho + ([threshold] if threshold is not None else []))
         ax.set_ylim(max(0.0, low - 0.1 * (1.0 - low) - 1e-3), 1.0 + 0.05 * (1.0 - low) + 1e-4)
         ax.legend(loc="lower right", fontsize=8)
+        if threshold is not None and threshold < 1:
+            _zoom_on_threshold(ax, steps, rho, threshold, switch_step)
     else:
         _empty(ax, "no RELA phase (--prior none)")
     _finish(ax, "rho = exp(-max(slow - fast, 0))", "step")
@@ -145,6 +147,24 @@ def write_curves_logged(run_dir: Path, log) -> Path | None:
         return None
     log.info(f"curves: {path}")
     return path
+
+
+def _zoom_on_threshold(ax, steps: list, rho: list, threshold: float, switch_step) -> None:
+    """Near the threshold (0.995 by default) rho and the line are a pixel apart at the panel's scale: an inset
+    shows the band just below the threshold, where the adaptive rule decides."""
+    band = 4 * (1.0 - threshold)
+    near = [(s, r) for s, r in zip(steps, rho) if r >= threshold - band]
+    if len(near) < 2:
+        return
+    inset = ax.inset_axes([0.38, 0.3, 0.57, 0.38])
+    inset.plot([s for s, _ in near], [r for _, r in near], color=RELA_COLOR, marker=".")
+    inset.axhline(threshold, color="tab:red", linestyle=":")
+    if switch_step is not None:
+        inset.axvline(switch_step, color=SWITCH_COLOR, linestyle="--", linewidth=1.2)
+    inset.set_ylim(threshold - band, min(1.0, threshold + band / 2))
+    inset.set_title("zoom: the last steps before the threshold", fontsize=8)
+    inset.tick_params(labelsize=7)
+    inset.grid(alpha=0.3)
 
 
 def _read_json(path: Path) -> dict:
