@@ -123,6 +123,7 @@ class Config:
     log_every: int = opt(20, "log metrics every N steps")
     logger: str = opt("jsonl", "where metrics go, a comma list: jsonl (metrics.jsonl, always written), tensorboard "
                                "(also RUN/tensorboard/ events; pip install tensorboard)")
+    curves: bool = opt(True, "write curves.png (losses, rho, schedules, throughput, kNN monitor) at the end of a run")
     stop_after_steps: int | None = opt(None, "stop (with a checkpoint) after this many steps, as if interrupted")
     deterministic: bool = opt(False, "deterministic algorithms (slower; for exact resume checks)")
     progress: bool = opt(True, "show a progress bar on rank 0")

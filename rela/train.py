@@ -66,7 +66,7 @@ def run(cfg: Config) -> dict | None:
         if not finished:
             return None
         summary = write_summary(r, evaluate(r))
-        if dist.is_main:
+        if dist.is_main and cfg.curves:
             write_curves_logged(run_dir, log)  # curves.png; a plotting error is logged, never raised
         return summary
     finally:

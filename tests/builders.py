@@ -41,7 +41,8 @@ def write_cifar10(root: Path, per_batch: int = 40, seed: int = 0) -> Path:
 # --device cpu: the trainer's tests check the trainer, not the machine; on a GPU machine the default (auto)
 # would put 2-rank runs on cuda:1 of a 1-GPU machine. GPU runs are the `gpu`-marked tests' business.
 FAST_ARGS = ["--dataset", "digits", "--arch", "small_resnet", "--image-size", "16", "--epochs", "1", "--batch-size", "16",
-             "--probe-epochs", "5", "--no-progress", "--workers", "0", "--device", "cpu"]
+             "--probe-epochs", "5", "--no-progress", "--workers", "0", "--device", "cpu",
+             "--no-curves"]  # matplotlib's import and a drawing cost seconds a run; tests/ecosystem draws them
 
 
 BANDS, BAND_ROWS = 8, 4  # 32 rows: band 0 bright and band 7 dark (references), bands 1-6 the id's bits

@@ -20,7 +20,7 @@ from builders import training_rows
 from rela.config import parse_config
 from rela.train import evaluate_untrained, main
 
-ARGS = ["--dataset", "mnist5k", "--device", "cpu", "--prior", "rand", "--rela-phase", "0.5", "--seed", "0",
+ARGS = ["--dataset", "mnist5k", "--device", "cpu", "--prior", "rand", "--rela-phase", "0.5", "--seed", "0", "--no-curves",
         "--no-progress"]
 LINEAR_MARGIN, KNN_MARGIN = 2.0, 4.0
 
