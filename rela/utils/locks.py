@@ -1,6 +1,7 @@
 """Advisory file locks (fcntl.flock) that keep two processes from writing the same run folder or building
 the same target bank at once. The kernel drops a lock when its holder dies, however it dies (SIGKILL
-included), so a lock never outlives its run and no stale lock file needs cleaning up."""
+included), so a lock never outlives its run; a lock released normally also removes its file (a killed
+holder's file stays, unlocked, and is taken over by the next run)."""
 from __future__ import annotations
 
 import fcntl
@@ -33,22 +34,33 @@ class FileLock:
             return "?"
 
     def release(self) -> None:
+        """Removes the file, then unlocks: a finished run leaves nothing behind (`_lock` retries on a file
+        that was removed while it waited, so two holders can never lock two different files)."""
         if self._fd is not None:
+            self.path.unlink(missing_ok=True)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
 
     def _lock(self, flags: int) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, flags)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        except BaseException:
-            os.close(fd)
-            raise
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, flags)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:  # the file we locked is still the one at the path
+                break
+            os.close(fd)  # its holder removed it while we waited: lock the new one
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd

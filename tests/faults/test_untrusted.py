@@ -45,10 +45,10 @@ def test_a_file_with_a_malicious_pickle_is_refused_and_runs_nothing(tmp_path, un
         args += ["--prior", f"run:{path.parent}"]
         expected = f"--prior run:{path.parent}: cannot load {path}: refused"
     assert main(args) == 1
+    assert not marker.exists(), "the file's payload ran"
     err = capsys.readouterr().err
     [line] = [line for line in err.splitlines() if line.startswith("rela.train: error:")]
     assert line.startswith(f"rela.train: error: {expected}: it holds Python objects other than tensors and plain "
                            "data, and loading it could run code (")
     assert line.endswith("(it asks the unpickler for exec)")
     assert "Traceback" not in err
-    assert not marker.exists()
