@@ -18,6 +18,7 @@ from rela.kernels import INTERPRETED
 from rela.kernels.dino_loss import dino_loss_bwd_kernel, dino_loss_fwd_kernel, num_tickets
 from rela.ops import dino_loss, dino_loss_fused, dino_loss_reference
 from test_ops_kernels_compile import compile_for_h100, compiler  # noqa: F401 (a fixture)
+from test_ops_losses import non_contiguous
 
 STUDENT_TEMP, TEACHER_TEMP = 0.1, 0.04  # DINO's (the teacher's after its warm-up from 0.04 is 0.04 to 0.07)
 
@@ -146,20 +147,6 @@ def test_fused_dino_loss_other_dtypes_temperatures_and_scales(case, dino_launche
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     err = errors(loss, teacher_mean, grads, expected, s1, t1, t2, temps.get("student_temp", STUDENT_TEMP))
     assert all(err[k] <= TOLERANCE[dtype][k] for k in err), err
-
-
-def non_contiguous(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """The same values as `x` with other strides: transposed storage, a column step, a row step and window."""
-    if kind == "transposed":
-        out = x.t().contiguous().t()
-    elif kind == "column_step":
-        out = torch.zeros(x.shape[0], 2 * x.shape[1], dtype=x.dtype)[:, ::2]
-        out.copy_(x)
-    else:
-        out = torch.zeros(2 * x.shape[0], x.shape[1] + 3, dtype=x.dtype)[::2, 1:-2]
-        out.copy_(x)
-    assert not out.is_contiguous() and torch.equal(out, x)
-    return out
 
 
 @pytest.mark.parametrize("kind", ["transposed", "column_step", "row_step"])
