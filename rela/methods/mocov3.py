@@ -10,7 +10,7 @@ from torch import nn
 from rela.data.views import BYOL_VIEWS
 from rela.methods.base import SslMethod
 from rela.models.heads import mlp
-from rela.utils.distributed import gather_rows, rank_and_world_size
+from rela.utils.distributed import all_gather_rows, rank_and_world_size
 
 
 class MocoV3(SslMethod):
@@ -62,7 +62,7 @@ def moco_contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) 
     (the official code's scaling). q: (B, D) with gradient; k: (B, D) the teacher's, detached."""
     rank, world = rank_and_world_size()
     q = F.normalize(q.float(), dim=1)
-    keys = gather_rows(F.normalize(k.detach().float(), dim=1))
+    keys = all_gather_rows(F.normalize(k.detach().float(), dim=1), [q.shape[0]] * world)
     logits = q @ keys.T / temperature
     labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
     return F.cross_entropy(logits, labels) * (2 * temperature)

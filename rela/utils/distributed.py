@@ -121,16 +121,6 @@ def gather_rows_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(tensor))
 
 
-@torch.no_grad()
-def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """As gather_rows_with_grad, without a gradient (a teacher's keys)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered)
-
-
 def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """The sum over ranks, differentiable (Barlow Twins' cross-correlation over the global batch)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
