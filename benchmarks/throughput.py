@@ -738,7 +738,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the SSL method of every end-to-end run: alone at 100%% and at the reduced budgets, and "
                              "after RELA (rela.train --method)")
     parser.add_argument("--methods", nargs="*", choices=METHOD_NAMES, default=list(METHOD_NAMES),
-                        help="step throughput per method: its own step against the RELA-phase step on its networks")
+                        help="step throughput per method: its own step against the RELA-phase step on its networks "
+                             "(default: every method; --methods with no name: none)")
     parser.add_argument("--transfer-prior", default=None, metavar="SPEC",
                         help="also RELA from a prior trained elsewhere at each budget, e.g. run:DIR of a digits run "
                              "as the prior for a harder dataset")
@@ -953,6 +954,10 @@ def report(payload: dict) -> None:
     print("\n== step ratios (goals: RELA/BYOL >= 1.3; BYOL/supervised >= 0.35, parity 0.375) ==")
     print_table(payload["step"]["ratios"], ["setup", "fused", "rela_over_byol", "byol_over_supervised",
                                             "byol_images_per_s", "rela_images_per_s", "supervised_images_per_s"])
+    if payload["step"]["methods"]:
+        print("\n== each method's own step against the RELA-phase step on its networks (images/s) ==")
+        print_table(payload["step"]["methods"], ["setup", "method", "fused", "method_images_per_s", "rela_images_per_s",
+                                                 "rela_over_method", "method_median_ms", "rela_median_ms"])
     if "loader" in payload:
         print("\n== loader vs step (images/s) ==")
         print_table(payload["loader"]["rows"], ["loader", "views", "batch", "size", "images_per_s", "step",

@@ -90,7 +90,7 @@ def plot_time_to_accuracy(runs: list[dict], summary: list[dict], ttt: dict, path
     final_ax.scatter([], [], s=60, facecolors="white", edgecolors="black", label="hollow: kNN; filled: linear")
     final_ax.set_xlabel("wall-clock per run (s), bank and evaluation included")
     final_ax.set_ylabel("final top-1 (%)")
-    final_ax.set_title(f"final accuracy (band: BYOL-100% linear probe - {tolerance_pp:g})", fontsize=10)
+    final_ax.set_title(f"final accuracy (band: {reference['group']} linear probe - {tolerance_pp:g})", fontsize=10)
     final_ax.set_xlim(left=0)
     final_ax.margins(0.1)
     final_ax.grid(alpha=0.3)
