@@ -47,13 +47,13 @@ class Dino(SslMethod):
     # ImageNet: the paper's head (2048 hidden, 256 bottleneck, K = 65,536), student temperature 0.1, teacher
     # 0.04 -> 0.07 over 30 epochs, centre momentum 0.9, teacher momentum 0.996 -> 1. Small images: solo-learn's
     # scripts/pretrain/cifar/dino.yaml (K = 4,096, teacher 0.04 -> 0.07 over the first 5% of its 1,000
-    # epochs, base momentum 0.99); mnist5k and digits at K = 1,024 and a 10% warm-up for CPU-sized runs.
+    # epochs, base momentum 0.9995); mnist5k and digits at K = 1,024 and a 10% warm-up for CPU-sized runs.
     defaults = {"imagenet": dict(proj_hidden=2048, proj_dim=256, dino_out_dim=65536, dino_warmup_teacher_epochs=30,
                                  base_momentum=0.996),
                 "cifar10": dict(proj_hidden=2048, proj_dim=256, dino_out_dim=4096, dino_warmup_teacher_epochs=10,
-                                base_momentum=0.99),
+                                base_momentum=0.9995),
                 "cifar100": dict(proj_hidden=2048, proj_dim=256, dino_out_dim=4096, dino_warmup_teacher_epochs=10,
-                                 base_momentum=0.99),
+                                 base_momentum=0.9995),
                 "*": dict(dino_out_dim=1024, dino_warmup_teacher_epochs=2, base_momentum=0.99)}
 
     def __init__(self, backbone: nn.Module, hidden_dim: int, bottleneck_dim: int, out_dim: int, *,
