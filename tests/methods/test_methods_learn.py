@@ -1,7 +1,7 @@
-"""Each method, alone (no RELA phase), learns on real digits: its loss falls by at least 1%, and its
-backbone's kNN ends at least 2 points above the same backbone at its initialisation, evaluated the same
-way. Measured (seed 0, kNN against the untrained 72.6%): SimCLR 85.3, MoCo v3 79.6, Barlow Twins 78.1,
-VICReg 86.7, SimSiam 80.3, DINO 79.5 (but see DINO_AT_LOG_K).
+"""Each method, alone (no RELA phase), learns on real digits: its backbone's kNN ends at least 2 points above
+the same backbone at its initialisation, evaluated the same way, and its loss falls by at least 1% (not yet
+DINO's: see DINO_AT_LOG_K). Measured (seed 0, kNN against the untrained 72.6%): SimCLR 85.3, MoCo v3 79.6,
+Barlow Twins 78.1, VICReg 86.7, SimSiam 80.3, DINO 79.5.
 
 mnist5k (5,000 real 28x28 MNIST digits), 150 steps at a 20% budget, seed 0, CPU. The untrained
 small_resnet's kNN there is about 72.6%; on the 8x8 digits an untrained network is almost as good as a
@@ -29,26 +29,50 @@ def untrained() -> dict:
     return evaluate_untrained(parse_config(ARGS))
 
 
-# DINO does not pass yet, and the test says so rather than being loosened: at 150 steps (batch 32, K = 1,024)
-# its loss rises above log K in the first steps and then sits at log K = 6.93, the value of a uniform
-# teacher (seed 0: 6.94 -> 6.93, a 0.2% fall), although its kNN is +6.9 points over the untrained backbone
-# (linear -3.9). A fixed teacher temperature of 0.04 gave the same picture. Strict: once DINO learns here,
-# the test fails until this mark goes.
+# DINO's loss does not fall here, and the test says so rather than being loosened: at 150 steps (batch 32,
+# K = 1,024) it rises above log K while the centre catches up (about 20 steps) and then sits at log K = 6.93,
+# the value of a uniform teacher (seed 0: 6.94 -> 6.93, a 0.2% fall); teacher and student outputs end within
+# 0.01 nats of uniform. Its features learn anyway (kNN +6.9 over the untrained backbone here; +11 at 500 steps
+# and +16 at 2,500 in benchmarks/results/throughput-cpu-mnist5k-dino.json), so the kNN test below holds for
+# DINO too. Tried at 150-500 steps, seed 0, each ending at or near log K (6.64-6.93): teacher temperature 0.04 fixed, 0.02, 0.01;
+# BN in the head's MLP; the prototypes frozen for the first epoch; teacher momentum 0.9995; an 8x lower
+# learning rate; batch 128; K = 64. Teacher 0.01 with centre momentum 0.99 collapsed to one prototype
+# instead (loss 0.01). The plateau ends by itself, too late for a test: at 100% budget (2,500 steps, 200 s)
+# the loss leaves log K after about 1,400 steps and ends at 6.81 (-1.7%), teacher entropy 6.80. After a RELA
+# phase DINO starts off the plateau (loss 6.50 at the hand-over, then 6.85; teacher entropy 6.7).
+# Strict: once DINO's loss falls here, this test fails until the mark goes.
 DINO_AT_LOG_K = pytest.mark.xfail(strict=True, reason="DINO's loss sits at log K (a uniform teacher) in 150 CPU steps")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """Each method trained once (150 steps, seed 0) for both tests below: (summary, training losses)."""
+    runs: dict[str, tuple[dict, list[float]]] = {}
+
+    def run(method: str) -> tuple[dict, list[float]]:
+        if method not in runs:
+            out = tmp_path_factory.mktemp(method)
+            assert main([*ARGS, "--method", method, "--out", str(out)]) == 0
+            runs[method] = (json.loads((out / "summary.json").read_text()), [r["loss"] for r in training_rows(out)])
+        return runs[method]
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [m for m in METHOD_NAMES if m != "byol"])
+def test_each_method_learns_beyond_the_untrained_backbone(method, untrained, trained_run, capsys):
+    trained, losses = trained_run(method)
+    with capsys.disabled():  # the numbers belong in the CI log
+        print(f"\n{method} mnist5k seed 0, 150 steps: linear {trained['linear_probe_top1']:.2f} kNN "
+              f"{trained['knn_top1']:.2f} (untrained {untrained['linear_probe_top1']:.2f} / {untrained['knn_top1']:.2f}); "
+              f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert trained["knn_top1"] >= untrained["knn_top1"] + KNN_MARGIN
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [pytest.param(m, marks=DINO_AT_LOG_K) if m == "dino" else m
                                     for m in METHOD_NAMES if m != "byol"])
-def test_each_method_learns_beyond_the_untrained_backbone(method, untrained, tmp_path, capsys):
-    out = tmp_path / method
-    assert main([*ARGS, "--method", method, "--out", str(out)]) == 0
-    trained = json.loads((out / "summary.json").read_text())
-    losses = [r["loss"] for r in training_rows(out)]
-    with capsys.disabled():  # the numbers belong in the CI log
-        print(f"\n{method} mnist5k seed 0, 150 steps: linear {trained['linear_probe_top1']:.2f} kNN "
-              f"{trained['knn_top1']:.2f} (untrained {untrained['linear_probe_top1']:.2f} / {untrained['knn_top1']:.2f}); "
-              f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+def test_each_method_loss_falls(method, trained_run):
+    _, losses = trained_run(method)
     first, last = statistics.fmean(losses[:3]), statistics.fmean(losses[-3:])
     assert last < first - 0.01 * abs(first)  # a fall of at least 1% (seed 0: 3.4% VICReg to 35% Barlow Twins)
-    assert trained["knn_top1"] >= untrained["knn_top1"] + KNN_MARGIN
