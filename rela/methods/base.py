@@ -7,7 +7,8 @@ copy, where it keeps one), its views and its own state. The training loop knows 
   images, and the online backbone's features of both views, (2B, F), for the online probe.
 - `teacher_pair() -> (teacher, student) | None`: the modules the EMA step moves the teacher's weights
   towards (same structure), or None for a method without a teacher (SimCLR, Barlow Twins, VICReg,
-  SimSiam).
+  SimSiam). A method with a teacher names its modules in `teacher_modules` and gets `teacher_pair`,
+  `backbones` and `teacher_forward` from here.
 - `schedule(step, steps_per_epoch)`: the method's own step-indexed settings (DINO's teacher temperature
   warm-up); called before every step, nothing to save (recomputed from the step on resume).
 - Its state (DINO's centre) lives in registered buffers, so it travels with the learner's state_dict
@@ -35,6 +36,10 @@ class SslMethod(nn.Module):
     # {"imagenet": {...}, "cifar10": {...}, ...}; "*" applies to every preset not named.
     defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
+    # A method with an EMA teacher: (teacher, student) attribute names, the backbones first, then the heads
+    # the teacher applies in order, e.g. (("teacher_backbone", "backbone"), ("teacher_head", "head")).
+    teacher_modules: ClassVar[tuple[tuple[str, str], ...]] = ()
+
     backbone: nn.Module
 
     @property
@@ -47,14 +52,29 @@ class SslMethod(nn.Module):
         raise NotImplementedError
 
     def teacher_pair(self) -> tuple[nn.Module, nn.Module] | None:
-        return None
+        if not self.teacher_modules:
+            return None
+        teachers, students = zip(*self.teacher_modules)
+        return (nn.ModuleList([getattr(self, name) for name in teachers]),
+                nn.ModuleList([getattr(self, name) for name in students]))
+
+    @torch.no_grad()
+    def teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's output for `images`: its backbone, then its heads, in the student's train/eval mode
+        (BN on the batch's statistics while training, as the papers' teachers do)."""
+        out = images
+        for name, _ in self.teacher_modules:
+            module = getattr(self, name)
+            module.train(self.training)
+            out = module(out)
+        return out
 
     def schedule(self, step: int, steps_per_epoch: int) -> None:
         pass
 
     def backbones(self) -> list[nn.Module]:
         """The student's backbone, and the teacher's where there is one: what --compile compiles."""
-        return [self.backbone]
+        return [self.backbone] + [getattr(self, teacher) for teacher, _ in self.teacher_modules[:1]]
 
     def _frozen_copy(self, module: nn.Module) -> nn.Module:
         """A teacher copy of `module` that no optimiser or gradient touches (the EMA moves it)."""

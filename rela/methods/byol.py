@@ -16,6 +16,7 @@ from rela.ops import byol_loss
 class Byol(SslMethod):
     name = "byol"
     views = BYOL_VIEWS  # asymmetric: blur 1.0 / 0.1, solarize 0 / 0.2 (the paper's table 6)
+    teacher_modules = (("target_backbone", "backbone"), ("target_projector", "projector"))
     # The dataset presets are BYOL's (rela/config.py PRESETS): nothing of its own to add.
     defaults = {}
 
@@ -31,22 +32,13 @@ class Byol(SslMethod):
     def from_config(cls, backbone: nn.Module, cfg) -> "Byol":
         return cls(backbone, cfg.proj_hidden or 2 * backbone.feature_dim, cfg.proj_dim)
 
-    def backbones(self) -> list[nn.Module]:
-        return [self.backbone, self.target_backbone]
-
-    def teacher_pair(self) -> tuple[nn.Module, nn.Module]:
-        return (nn.ModuleList([self.target_backbone, self.target_projector]),
-                nn.ModuleList([self.backbone, self.projector]))
-
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, *, fused: bool | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both views in one forward. Returns (loss, backbone features (2B, F))."""
         both = torch.cat([view1, view2])
         features = self.backbone(both)
         predictions = self.predictor(self.projector(features))
-        with torch.no_grad():
-            self.target_backbone.train(self.training)
-            targets = self.target_projector(self.target_backbone(both))
+        targets = self.teacher_forward(both)
         p1, p2 = predictions.chunk(2)
         z1, z2 = targets.chunk(2)
         return byol_loss(p1, p2, z1, z2, fused=fused), features

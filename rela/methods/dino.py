@@ -44,6 +44,7 @@ class DinoHead(nn.Module):
 class Dino(SslMethod):
     name = "dino"
     views = DINO_VIEWS
+    teacher_modules = (("teacher_backbone", "backbone"), ("teacher_head", "head"))
     # ImageNet: the paper's head (2048 hidden, 256 bottleneck, K = 65,536), student temperature 0.1, teacher
     # 0.04 -> 0.07 over 30 epochs, centre momentum 0.9, teacher momentum 0.996 -> 1. Small images: solo-learn's
     # scripts/pretrain/cifar/dino.yaml (K = 4,096, teacher 0.04 -> 0.07 over the first 5% of its 1,000
@@ -86,21 +87,12 @@ class Dino(SslMethod):
             fraction = epoch / self.warmup_teacher_epochs
             self.teacher_temp = self.warmup_teacher_temp + fraction * (self.final_teacher_temp - self.warmup_teacher_temp)
 
-    def backbones(self) -> list[nn.Module]:
-        return [self.backbone, self.teacher_backbone]
-
-    def teacher_pair(self) -> tuple[nn.Module, nn.Module]:
-        return (nn.ModuleList([self.teacher_backbone, self.teacher_head]),
-                nn.ModuleList([self.backbone, self.head]))
-
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, *, fused: bool | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         both = torch.cat([view1, view2])
         features = self.backbone(both)
         s1, s2 = self.head(features).chunk(2)
-        with torch.no_grad():
-            self.teacher_backbone.train(self.training)
-            t1, t2 = self.teacher_head(self.teacher_backbone(both)).chunk(2)
+        t1, t2 = self.teacher_forward(both).chunk(2)
         # The loss's backward reads the centre this forward used; the update below changes the buffer in place.
         center = self.center.clone()
         loss, teacher_mean = dino_loss(s1, s2, t1, t2, center, self.student_temp, self.teacher_temp, fused=fused)

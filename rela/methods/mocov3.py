@@ -16,6 +16,7 @@ from rela.utils.distributed import all_gather_rows, rank_and_world_size
 class MocoV3(SslMethod):
     name = "mocov3"
     views = BYOL_VIEWS  # the paper follows BYOL's asymmetric augmentations
+    teacher_modules = (("teacher_backbone", "backbone"), ("teacher_projector", "projector"))
     # ImageNet, ResNet-50 (the paper's table / appendix): temperature 1.0 was the ViT's; the ResNet's is
     # 0.2 (moco-v3 README, main_moco.py --moco-t), projector and predictor 4096 -> 256, momentum 0.99
     # with a cosine to 1. Small images: solo-learn's scripts/pretrain/cifar/mocov3.yaml (temperature 0.2,
@@ -37,21 +38,12 @@ class MocoV3(SslMethod):
     def from_config(cls, backbone: nn.Module, cfg) -> "MocoV3":
         return cls(backbone, cfg.proj_hidden or 2 * backbone.feature_dim, cfg.proj_dim, cfg.temperature)
 
-    def backbones(self) -> list[nn.Module]:
-        return [self.backbone, self.teacher_backbone]
-
-    def teacher_pair(self) -> tuple[nn.Module, nn.Module]:
-        return (nn.ModuleList([self.teacher_backbone, self.teacher_projector]),
-                nn.ModuleList([self.backbone, self.projector]))
-
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, *, fused: bool | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         both = torch.cat([view1, view2])
         features = self.backbone(both)
         q1, q2 = self.predictor(self.projector(features)).chunk(2)
-        with torch.no_grad():
-            self.teacher_backbone.train(self.training)
-            k1, k2 = self.teacher_projector(self.teacher_backbone(both)).chunk(2)
+        k1, k2 = self.teacher_forward(both).chunk(2)
         return (moco_contrastive_loss(q1, k2, self.temperature) + moco_contrastive_loss(q2, k1, self.temperature),
                 features)
 

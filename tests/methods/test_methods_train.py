@@ -80,6 +80,26 @@ def test_a_step_moves_the_student_and_only_teacher_methods_keep_a_teacher(method
         assert not set(map(id, teacher.parameters())) & {id(p) for g in optimizer.param_groups for p in g["params"]}
 
 
+@pytest.mark.parametrize("method", ["byol", "dino", "mocov3"])
+def test_teacher_methods_share_one_teacher_plumbing(method):
+    """teacher_modules drives the EMA pair, the backbones --compile compiles and the teacher's forward: the
+    teacher's backbone then its head, without gradient, in the student's train/eval mode."""
+    m = learner_for(method).method
+    (teacher_backbone, student_backbone), (teacher_head, student_head) = (
+        (getattr(m, t), getattr(m, s)) for t, s in m.teacher_modules)
+    assert student_backbone is m.backbone and m.backbones() == [m.backbone, teacher_backbone]
+    teacher, student = m.teacher_pair()
+    assert list(teacher) == [teacher_backbone, teacher_head] and list(student) == [student_backbone, student_head]
+    x = batch().view1
+    for training in (True, False):
+        m.train(training)
+        teacher_backbone.train(not training)  # teacher_forward puts it back in the student's mode
+        out = m.teacher_forward(x)
+        assert not out.requires_grad and teacher_backbone.training == training
+        with torch.no_grad():
+            torch.testing.assert_close(out, teacher_head(teacher_backbone(x)))
+
+
 def test_dino_centre_follows_the_teacher_mean_and_the_temperature_warms_up():
     learner = learner_for("dino")
     dino = learner.method
