@@ -46,6 +46,9 @@ class Config:
     dino_warmup_teacher_temp: float = opt(0.04, "DINO: teacher temperature at the start of the warm-up")
     dino_warmup_teacher_epochs: float = opt(30.0, "DINO: epochs of the teacher temperature's linear warm-up")
     dino_center_momentum: float = opt(0.9, "DINO: momentum of the teacher-output centre")
+    dino_head_layers: int = opt(3, "DINO: linear layers of the head's MLP before the prototypes (3: the paper's; "
+                                   "2: the reference code's)")
+    dino_head_bn: bool = opt(False, "DINO: BatchNorm after each hidden layer of the head (the reference code's)")
     barlow_lambda: float = opt(0.0051, "Barlow Twins: weight of the off-diagonal (redundancy) terms")
     vicreg_sim_weight: float = opt(25.0, "VICReg: weight of the invariance (MSE) term")
     vicreg_var_weight: float = opt(25.0, "VICReg: weight of the variance (std hinge) term")
@@ -231,9 +234,11 @@ def resolve_config(given: dict[str, Any]) -> Config:
     from rela.methods.registry import method_defaults  # torch and the methods: not at import time
     values.update(method_defaults(method, preset))
     if given.get("recipe") == "reference":
+        from rela.methods.registry import method_reference_recipe
         batch_size = given.get("batch_size", values.get("batch_size", Config.batch_size))
         image_size = given.get("image_size", values.get("image_size", Config.image_size))
         values.update(REFERENCE_RECIPE, lr=REFERENCE_LR * 256 / batch_size, byol_blur=image_size > 32)
+        values.update(method_reference_recipe(method))
     values.update(given)
     cfg = Config(**values)
     validate(cfg)
@@ -250,6 +255,8 @@ def validate(cfg: Config) -> None:
             raise RelaError(f"--rela-phase must be 'adaptive' or a fraction in (0, 1], got {cfg.rela_phase!r}") from None
         if not 0.0 < fraction <= 1.0:
             raise RelaError(f"--rela-phase fraction must be in (0, 1], got {fraction}")
+    if cfg.dino_head_layers < 1:
+        raise RelaError(f"--dino-head-layers must be at least 1, got {cfg.dino_head_layers}")
     if cfg.proj_hidden < 0 or cfg.proj_dim < 1:
         raise RelaError("--proj-hidden must be >= 0 (0: twice the backbone width) and --proj-dim >= 1")
     if cfg.ckpt_minutes < 0:
@@ -288,7 +295,7 @@ TRAJECTORY_OPTIONS = ("dataset", "data", "image_size", "arch", "prior", "prior_s
                       "rela_map_bias", "rela_views", "byol_blur", "lr_schedule", "momentum_schedule",
                       "rela_crop_min_scale", "byol_crop_min_scale", "val_fraction", "sync_bn", "method", "temperature", "dino_out_dim",
                       "dino_student_temp", "dino_teacher_temp", "dino_warmup_teacher_temp", "dino_warmup_teacher_epochs",
-                      "dino_center_momentum", "barlow_lambda", "vicreg_sim_weight", "vicreg_var_weight",
+                      "dino_center_momentum", "dino_head_layers", "dino_head_bn", "barlow_lambda", "vicreg_sim_weight", "vicreg_var_weight",
                       "vicreg_cov_weight")
 
 

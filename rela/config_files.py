@@ -111,7 +111,11 @@ def option_sources(file_values: dict[str, Any], flag_values: dict[str, Any], fil
         for name in method_defaults(method, preset):
             sources[name] = f"method {method}"
     if given.get("recipe") == "reference":
-        for name in (*REFERENCE_RECIPE, *RECIPE_DERIVED):
+        method_recipe = ()
+        if method_defaults is not None:  # the method's own reference choices (DINO's head), over the recipe's
+            from rela.methods.registry import method_reference_recipe
+            method_recipe = tuple(method_reference_recipe(given.get("method", Config.method)))
+        for name in (*REFERENCE_RECIPE, *RECIPE_DERIVED, *method_recipe):
             sources[name] = "recipe reference"
     for name in file_values:
         sources[name] = f"file {file_name}"

@@ -35,6 +35,9 @@ class SslMethod(nn.Module):
     # Per-preset defaults of the method's own options, over the dataset preset, under the user's flags:
     # {"imagenet": {...}, "cifar10": {...}, ...}; "*" applies to every preset not named.
     defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    # What --recipe reference sets for this method over its general choices (rela/config.py REFERENCE_RECIPE):
+    # the reference code's own heads and loss settings, for the methods it has (BYOL, DINO).
+    reference_recipe: ClassVar[dict[str, Any]] = {}
 
     # A method with an EMA teacher: (teacher, student) attribute names, the backbones first, then the heads
     # the teacher applies in order, e.g. (("teacher_backbone", "backbone"), ("teacher_head", "head")).

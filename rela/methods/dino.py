@@ -22,17 +22,24 @@ DINO_VIEWS = (ViewSpec(crop_scale=(0.14, 1.0), blur_p=1.0, solarize_p=0.0),
 
 
 class DinoHead(nn.Module):
-    """DINO's head: a 3-layer MLP (GELU) to a bottleneck, L2-normalised, then a weight-normalised linear
-    layer to K prototypes without bias (its weight norm fixed at 1: the paper's norm_last_layer)."""
+    """DINO's head: an MLP of `layers` linear layers (GELU between them, BatchNorm after each hidden one if
+    `batch_norm`) to a bottleneck, L2-normalised, then a weight-normalised linear layer to K prototypes
+    without bias (its weight norm fixed at 1: the paper's norm_last_layer). The paper's head has 3 layers
+    and no BatchNorm; the reference code's (LINs-lab/ReLA methods/dino.py) has 2 with BatchNorm."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, bottleneck_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, hidden_dim: int, bottleneck_dim: int, out_dim: int, *, layers: int = 3,
+                 batch_norm: bool = False):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-                                 nn.Linear(hidden_dim, bottleneck_dim))
-        for layer in self.mlp:
-            if isinstance(layer, nn.Linear):
-                nn.init.trunc_normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)
+        widths = [in_dim] + [hidden_dim] * (layers - 1) + [bottleneck_dim]
+        modules: list[nn.Module] = []
+        for i, (width_in, width_out) in enumerate(zip(widths, widths[1:])):
+            linear = nn.Linear(width_in, width_out)
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
+            modules.append(linear)
+            if i < layers - 1:
+                modules += [nn.BatchNorm1d(width_out), nn.GELU()] if batch_norm else [nn.GELU()]
+        self.mlp = nn.Sequential(*modules)
         self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
         nn.init.trunc_normal_(self.prototypes, std=0.02)
 
@@ -56,13 +63,20 @@ class Dino(SslMethod):
                 "cifar100": dict(proj_hidden=2048, proj_dim=256, dino_out_dim=4096, dino_warmup_teacher_epochs=10,
                                  base_momentum=0.9995),
                 "*": dict(dino_out_dim=1024, dino_warmup_teacher_epochs=2, base_momentum=0.99)}
+    # The reference code (methods/dino.py): a 2-layer head d -> 2048 (BN, GELU) -> 256 before 2,048 prototypes,
+    # lightly's DINOLoss defaults (teacher temperature 0.04 throughout, student 0.1, centre 0.9), lightly's
+    # DINOTransform without local crops (global crop scale 0.4-1). Its momentum (0.99, fixed) and optimiser
+    # are REFERENCE_RECIPE's.
+    reference_recipe = dict(dino_head_layers=2, dino_head_bn=True, proj_hidden=2048, proj_dim=256, dino_out_dim=2048,
+                            dino_teacher_temp=0.04, dino_warmup_teacher_temp=0.04, byol_crop_min_scale=0.4)
 
     def __init__(self, backbone: nn.Module, hidden_dim: int, bottleneck_dim: int, out_dim: int, *,
                  student_temp: float, teacher_temp: float, warmup_teacher_temp: float, warmup_teacher_epochs: float,
-                 center_momentum: float):
+                 center_momentum: float, head_layers: int = 3, head_batch_norm: bool = False):
         super().__init__()
         self.backbone = backbone
-        self.head = DinoHead(backbone.feature_dim, hidden_dim, bottleneck_dim, out_dim)
+        self.head = DinoHead(backbone.feature_dim, hidden_dim, bottleneck_dim, out_dim, layers=head_layers,
+                             batch_norm=head_batch_norm)
         self.teacher_backbone = self._frozen_copy(backbone)
         self.teacher_head = self._frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(out_dim))
@@ -76,7 +90,8 @@ class Dino(SslMethod):
         return cls(backbone, cfg.proj_hidden or 2 * backbone.feature_dim, cfg.proj_dim, cfg.dino_out_dim,
                    student_temp=cfg.dino_student_temp, teacher_temp=cfg.dino_teacher_temp,
                    warmup_teacher_temp=cfg.dino_warmup_teacher_temp,
-                   warmup_teacher_epochs=cfg.dino_warmup_teacher_epochs, center_momentum=cfg.dino_center_momentum)
+                   warmup_teacher_epochs=cfg.dino_warmup_teacher_epochs, center_momentum=cfg.dino_center_momentum,
+                   head_layers=cfg.dino_head_layers, head_batch_norm=cfg.dino_head_bn)
 
     def schedule(self, step: int, steps_per_epoch: int) -> None:
         """The teacher temperature's linear warm-up, by (fractional) epoch."""

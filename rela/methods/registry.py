@@ -30,6 +30,12 @@ def build_method(cfg: Config, backbone: nn.Module) -> SslMethod:
     return METHODS[cfg.method].from_config(backbone, cfg)
 
 
+def method_reference_recipe(name: str) -> dict[str, Any]:
+    """The reference code's own choices for this method, which --recipe reference applies over its general ones
+    (empty for the methods the reference code does not have)."""
+    return dict(METHODS[name].reference_recipe)
+
+
 def method_defaults(name: str, preset: str) -> dict[str, Any]:
     """The method's own defaults for `preset` (its paper's or solo-learn's, cited in its module)."""
     return preset_defaults(METHODS[name].defaults, preset)

@@ -46,6 +46,29 @@ def test_reference_recipe_trains_end_to_end(tmp_path):
     assert "rela_map.bias" in learner  # affine W
 
 
+def test_reference_recipe_gives_dino_the_reference_codes_head_and_loss_settings(tmp_path):
+    """LINs-lab/ReLA methods/dino.py: d -> 2048 (BN, GELU) -> 256 before 2,048 prototypes, lightly's DINOLoss
+    (teacher temperature 0.04 throughout), global crops 0.4-1; the paper's head and temperatures otherwise."""
+    cfg = parse_config(["--recipe", "reference", "--dataset", "cifar10", "--method", "dino"])
+    assert (cfg.dino_head_layers, cfg.dino_head_bn, cfg.proj_hidden, cfg.proj_dim, cfg.dino_out_dim) == (2, True, 2048, 256, 2048)
+    assert (cfg.dino_warmup_teacher_temp, cfg.dino_teacher_temp, cfg.byol_crop_min_scale) == (0.04, 0.04, 0.4)
+    assert (cfg.base_momentum, cfg.momentum_schedule) == (0.99, "constant")
+    assert parse_config(["--recipe", "reference", "--method", "byol"]).dino_head_layers == 3  # DINO's alone
+    project = parse_config(["--dataset", "cifar10", "--method", "dino"])
+    assert (project.dino_head_layers, project.dino_head_bn, project.dino_teacher_temp) == (3, False, 0.07)
+    out = tmp_path / "run"
+    assert main([*FAST_ARGS, "--device", "cpu", "--recipe", "reference", "--method", "dino", "--prior", "rand",
+                 "--budget", "0.2", "--epochs", "2", "--rela-phase", "0.5", "--proj-hidden", "64", "--proj-dim", "16",
+                 "--dino-out-dim", "32", "--probe-epochs", "2", "--out", str(out), "--bank-dir", str(tmp_path / "banks")]) == 0
+    assert {r["step_fn"] for r in training_rows(out)} == {"rela_step", "dino_step"}
+    learner = torch.load(latest_checkpoint(out), weights_only=False)["learner"]
+    assert {k for k in learner if k.startswith("method.head.mlp.")} == {
+        "method.head.mlp.0.weight", "method.head.mlp.0.bias", "method.head.mlp.1.weight", "method.head.mlp.1.bias",
+        "method.head.mlp.1.running_mean", "method.head.mlp.1.running_var", "method.head.mlp.1.num_batches_tracked",
+        "method.head.mlp.3.weight", "method.head.mlp.3.bias"}  # Linear, BatchNorm, GELU, Linear
+    assert learner["method.head.mlp.3.weight"].shape == (16, 64) and learner["method.head.prototypes"].shape == (32, 16)
+
+
 def test_reference_probe_protocol_reports_the_last_three_epochs():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 16, generator=g) * 4
