@@ -10,6 +10,7 @@ Python object is refused before anything runs), after the zip archive's CRC-32s 
 or bit-flipped file is named, not half-loaded)."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -229,6 +230,9 @@ def restore_checkpoint(run: "Run", path: Path) -> None:
 def check_resumable(saved: dict, run: "Run", path: Path) -> None:
     """A resumed run continues the same trajectory: same options that shape it, same number of ranks."""
     before, now = saved.get("config", {}), config_to_dict(run.cfg)
+    # An option newer than the checkpoint had its default's behaviour when the checkpoint was written.
+    added = {f.name: f.default for f in dataclasses.fields(run.cfg) if f.name not in before}
+    before = {**added, **before}
     changed = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {now[k]!r}" for k in TRAJECTORY_OPTIONS
                if before.get(k) != now[k]]
     if saved.get("world_size", 1) != run.dist.world_size:

@@ -7,12 +7,16 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 
 from builders import FAST_ARGS, training_rows
+from rela.config import config_to_dict, parse_config
+from rela.errors import RelaError
 from rela.train import main
-from rela.utils.checkpoint import latest_checkpoint
+from rela.utils.checkpoint import check_resumable, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -178,3 +182,15 @@ def test_ckpt_minutes_replaces_epoch_end_checkpoints_by_time(tmp_path):
     assert main([*args, "--ckpt-minutes", "1e-6", "--log-every", "4", "--out", str(tmp_path / "short")]) == 0
     assert [p.name for p in sorted((tmp_path / "short" / "checkpoints").iterdir())] == [
         "ckpt-000000012.pt", "ckpt-000000016.pt"]
+
+
+def test_a_checkpoint_older_than_an_option_resumes_under_that_options_default():
+    """A checkpoint written before an option existed ran with what is now its default: resuming it is not
+    refused as a change; a real change still is."""
+    cfg = parse_config(["--method", "dino"])
+    older = {k: v for k, v in config_to_dict(cfg).items() if k not in ("dino_head_layers", "dino_head_bn")}
+    run = SimpleNamespace(cfg=cfg, dist=SimpleNamespace(world_size=1))
+    check_resumable({"config": older, "world_size": 1}, run, Path("ckpt.pt"))
+    run.cfg = parse_config(["--method", "dino", "--dino-head-layers", "2"])
+    with pytest.raises(RelaError, match="--dino-head-layers 3 -> 2"):
+        check_resumable({"config": older, "world_size": 1}, run, Path("ckpt.pt"))
