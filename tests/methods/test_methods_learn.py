@@ -1,6 +1,6 @@
 """Each method, alone (no RELA phase), learns on real digits: its backbone's kNN ends at least 2 points above
-the same backbone at its initialisation, evaluated the same way, and its loss falls by at least 1% (not yet
-DINO's: see DINO_AT_LOG_K). Measured (seed 0, kNN against the untrained 72.6%): SimCLR 85.3, MoCo v3 79.6,
+the same backbone at its initialisation, evaluated the same way, and its loss falls by at least 1% (DINO's
+only under the reference code's settings: see DINO_AT_LOG_K). Measured (seed 0, kNN against the untrained 72.6%): SimCLR 85.3, MoCo v3 79.6,
 Barlow Twins 78.1, VICReg 86.7, SimSiam 80.3, DINO 79.5.
 
 mnist5k (5,000 real 28x28 MNIST digits), 150 steps at a 20% budget, seed 0, CPU. The untrained
@@ -40,7 +40,10 @@ def untrained() -> dict:
 # instead (loss 0.01). The plateau ends by itself, too late for a test: at 100% budget (2,500 steps, 200 s)
 # the loss leaves log K after about 1,400 steps and ends at 6.81 (-1.7%), teacher entropy 6.80. After a RELA
 # phase DINO starts off the plateau (loss 6.50 at the hand-over, then 6.85; teacher entropy 6.7).
-# Strict: once DINO's loss falls here, this test fails until the mark goes.
+# With the reference code's settings (--recipe reference: its 2-layer BN head, K = 2,048, teacher 0.04, crops
+# 0.4-1, and its optimiser: AdamW 1e-3 constant, momentum 0.99 fixed) DINO leaves the plateau within these 150
+# steps (test below); its head settings with the project's optimiser, or its optimiser with the paper's
+# head, did not (seed 0). Strict: once DINO's loss falls here, this test fails until the mark goes.
 DINO_AT_LOG_K = pytest.mark.xfail(strict=True, reason="DINO's loss sits at log K (a uniform teacher) in 150 CPU steps")
 
 
@@ -76,3 +79,19 @@ def test_each_method_loss_falls(method, trained_run):
     _, losses = trained_run(method)
     first, last = statistics.fmean(losses[:3]), statistics.fmean(losses[-3:])
     assert last < first - 0.01 * abs(first)  # a fall of at least 1% (seed 0: 3.4% VICReg to 35% Barlow Twins)
+
+
+@pytest.mark.slow
+def test_dino_learns_under_the_reference_codes_settings(untrained, tmp_path, capsys):
+    """DINO with --recipe reference (LINs-lab/ReLA's head, loss settings and optimiser) leaves log K within 150
+    steps: its loss falls (seed 0: 7.56 -> 6.95, log 2,048 = 7.62) and its kNN beats the untrained backbone."""
+    out = tmp_path / "dino-reference"
+    assert main([*ARGS, "--method", "dino", "--recipe", "reference", "--out", str(out)]) == 0
+    trained = json.loads((out / "summary.json").read_text())
+    losses = [r["loss"] for r in training_rows(out)]
+    with capsys.disabled():
+        print(f"\ndino --recipe reference mnist5k seed 0, 150 steps: kNN {trained['knn_top1']:.2f} "
+              f"(untrained {untrained['knn_top1']:.2f}); loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    first, last = statistics.fmean(losses[:3]), statistics.fmean(losses[-3:])
+    assert last < first - 0.01 * abs(first)
+    assert trained["knn_top1"] >= untrained["knn_top1"] + KNN_MARGIN
