@@ -187,10 +187,10 @@ def test_ckpt_minutes_replaces_epoch_end_checkpoints_by_time(tmp_path):
 def test_a_checkpoint_older_than_an_option_resumes_under_that_options_default():
     """A checkpoint written before an option existed ran with what is now its default: resuming it is not
     refused as a change; a real change still is."""
-    cfg = parse_config(["--method", "dino"])
+    cfg = parse_config(["--dataset", "cifar10", "--method", "dino"])  # cifar10: the paper's head, the options' defaults
     older = {k: v for k, v in config_to_dict(cfg).items() if k not in ("dino_head_layers", "dino_head_bn")}
     run = SimpleNamespace(cfg=cfg, dist=SimpleNamespace(world_size=1))
     check_resumable({"config": older, "world_size": 1}, run, Path("ckpt.pt"))
-    run.cfg = parse_config(["--method", "dino", "--dino-head-layers", "2"])
+    run.cfg = parse_config(["--dataset", "cifar10", "--method", "dino", "--dino-head-layers", "2"])
     with pytest.raises(RelaError, match="--dino-head-layers 3 -> 2"):
         check_resumable({"config": older, "world_size": 1}, run, Path("ckpt.pt"))
