@@ -102,20 +102,14 @@ def option_sources(file_values: dict[str, Any], flag_values: dict[str, Any], fil
     sources["preset"] = f"default (the dataset's: {preset})"
     for name in PRESETS.get(preset, {}):
         sources[name] = f"preset {preset}"
-    try:  # the SSL methods' own defaults, over the preset, where the method registry has them
-        from rela.methods.registry import method_defaults
-    except ImportError:
-        method_defaults = None
-    if method_defaults is not None:
-        method = given.get("method", Config.method)
-        for name in method_defaults(method, preset):
-            sources[name] = f"method {method}"
+    # The SSL method's own defaults over the preset, and with --recipe reference its own reference choices
+    # (DINO's head) over the recipe's, as resolve_config layers them.
+    from rela.methods.registry import method_defaults, method_reference_recipe  # torch: not at import time
+    method = given.get("method", Config.method)
+    for name in method_defaults(method, preset):
+        sources[name] = f"method {method}"
     if given.get("recipe") == "reference":
-        method_recipe = ()
-        if method_defaults is not None:  # the method's own reference choices (DINO's head), over the recipe's
-            from rela.methods.registry import method_reference_recipe
-            method_recipe = tuple(method_reference_recipe(given.get("method", Config.method)))
-        for name in (*REFERENCE_RECIPE, *RECIPE_DERIVED, *method_recipe):
+        for name in (*REFERENCE_RECIPE, *RECIPE_DERIVED, *method_reference_recipe(method)):
             sources[name] = "recipe reference"
     for name in file_values:
         sources[name] = f"file {file_name}"
