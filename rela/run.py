@@ -251,6 +251,8 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
     for repeatable kernels) and TF32 for float32 matmuls and convolutions. Nothing changes elsewhere."""
     if device.type != "cuda":
         return
+    # The legacy flags on purpose: torch 2.9+ has per-backend fp32_precision, but mixing the two APIs raises,
+    # and torch.compile's Inductor (2.11, 2.14) still reads the legacy ones (tried on both, CPU compile).
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
