@@ -7,6 +7,7 @@ schedules, phase controller), `train` (below: the RELA phase, the hand-over, BYO
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import sys
 import time
@@ -51,6 +52,7 @@ def run(cfg: Config) -> dict | None:
     run_dir = _run_folder(cfg, dist)
     lock = lock_run_folder(run_dir, dist)  # a second run on the same --out is refused, not interleaved
     log = RunLog(run_dir, dist.is_main, loggers=cfg.logger)
+    r = None
     try:
         r = build_run(cfg, dist, device, run_dir, log, start_time)
         resume_from = dist_utils.gather_objects(_resume_path(cfg, run_dir, log), dist)[0]  # rank 0's, for all
@@ -73,6 +75,11 @@ def run(cfg: Config) -> dict | None:
         log.close()
         if lock is not None:
             lock.release()
+        # The run (DDP's reducer among it) goes before the process group: a reducer that holds the group's
+        # last reference destroys it with the GIL held, which can deadlock with a gloo worker thread still
+        # freeing a finished collective (seen with torch 2.11 at the end of a 2-rank CPU run).
+        r = None
+        gc.collect()
         dist_utils.shutdown()
 
 

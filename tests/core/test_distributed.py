@@ -101,3 +101,26 @@ def test_torchrun_with_an_all_corrupt_micro_batch_on_one_rank_keeps_ranks_in_ste
     sampler = BudgetSampler(train_size, 1.0, 2, seed=seed, world_size=2)
     assert summary["train_steps"] == 2 * sampler.steps_per_epoch
     assert 2 * (sampler.subset_size - corrupt_in_train) <= summary["images_seen"] < 2 * sampler.subset_size
+
+
+def test_the_run_is_released_before_the_process_group_goes(tmp_path, monkeypatch):
+    """DDP's reducer must not hold the process group's last reference when the group is destroyed: its
+    destructor would then join gloo's worker threads with the GIL held (a hang seen with torch 2.11).
+    In-process, one rank: when shutdown() runs, no Learner of the run may still be alive."""
+    import gc
+
+    import rela.train as train_module
+    from rela.config import parse_config
+    from rela.methods.learner import Learner
+
+    alive_at_shutdown = []
+
+    def shutdown():
+        gc.collect()
+        alive_at_shutdown.append(sum(isinstance(obj, Learner) for obj in gc.get_objects()))
+
+    monkeypatch.setattr(train_module.dist_utils, "shutdown", shutdown)
+    cfg = parse_config([*FAST_ARGS, "--device", "cpu", "--prior", "rand", "--rela-phase", "0.5",
+                        "--bank-dir", str(tmp_path / "banks"), "--out", str(tmp_path / "run")])
+    assert train_module.run(cfg) is not None
+    assert alive_at_shutdown == [0]
