@@ -35,11 +35,13 @@ def evaluate(run: Run) -> dict:
                   dist=run.dist, autocast_dtype=run.autocast_dtype, show_progress=cfg.progress)
     train_x, train_y = extract_features(backbone, run.train_source, **common)
     val_x, val_y = extract_features(backbone, val_source, **common)
+    # Corrupt validation files (--skip-corrupt) are left out of the scores: counted, every rank's.
+    skipped_val = set().union(*dist_utils.gather_objects(sorted(val_source.skipped), run.dist))
     kill_point("evaluate", run.state.step)  # tests: a death during evaluation
     results = probe_and_knn(train_x, train_y, val_x, val_y, run.splits.num_classes, protocol=cfg.probe_protocol,
                             probe_epochs=cfg.probe_epochs, seed=cfg.seed, knn_k=cfg.knn_k,
                             knn_temperature=cfg.knn_temperature)
-    return {**results, "eval_s": time.time() - start, **digests}
+    return {**results, "eval_s": time.time() - start, "skipped_corrupt_in_validation": len(skipped_val), **digests}
 
 
 def write_summary(run: Run, results: dict) -> dict:
@@ -70,6 +72,8 @@ def write_summary(run: Run, results: dict) -> dict:
         atomic_write_json(summary, run.run_dir / "summary.json")
         run.log.info(f"linear probe top-1 {summary['linear_probe_top1']:.2f}%, kNN top-1 {summary['knn_top1']:.2f}%, "
                      f"{summary['wall_clock_s']:.1f}s, {state.step} steps, {images_seen} images"
-                     + (f", {len(skipped)} corrupt images skipped" if skipped else ""))
+                     + (f", {len(skipped)} corrupt training images skipped" if skipped else "")
+                     + (f", {summary['skipped_corrupt_in_validation']} corrupt validation images left out of the "
+                        "scores" if summary.get("skipped_corrupt_in_validation") else ""))
         print(f"linear_probe_top1={summary['linear_probe_top1']:.2f} knn_top1={summary['knn_top1']:.2f}")
     return summary

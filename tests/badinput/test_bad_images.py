@@ -164,16 +164,20 @@ def test_bad_file_is_named_in_one_line(tmp_path, capsys, monkeypatch, kind):
 
 
 def test_bad_files_are_skipped_and_counted(tmp_path, capsys, monkeypatch):
-    """--skip-corrupt: one file of each kind in the training set, each skipped and counted once."""
+    """--skip-corrupt: one file of each kind in the training set, each skipped and counted once; a corrupt
+    validation file is left out of the scores and counted on its own."""
     tree = _tree(tmp_path / "tree")
     for k, kind in enumerate(BAD_KINDS):
         (tree / "train" / f"class_{k % 2}" / f"img_{5 - k // 2}.jpg").unlink()
         make_bad_file(kind, tree / "train" / f"class_{k % 2}", monkeypatch, name=f"bad_{kind}")
+    make_bad_file("truncated_jpeg", tree / "val" / "class_0", monkeypatch, name="bad_val")
     outcome = run_trainer(capsys, tmp_path, *IMAGEFOLDER_ARGS, "--data", str(tree), "--prior", "rand",
                           "--skip-corrupt")
     assert outcome.code == 0, outcome.err[-3000:]
     assert outcome.summary["skipped_corrupt"] == len(BAD_KINDS)
     assert outcome.summary["skipped_corrupt_in_training"] == len(BAD_KINDS)
+    assert outcome.summary["skipped_corrupt_in_validation"] == 1
+    assert "1 corrupt validation images left out of the scores" in outcome.err
 
 
 # ---- DALI's CPU decode path --------------------------------------------------------------------------------
