@@ -172,7 +172,9 @@ def build_steps(args, out: Path, work: Path) -> list[Step]:
             [py, "-m", "rela.train", "--dataset", "imagefolder", "--data", str(images), "--device", device,
              "--loader", loader, "--prior", "rand", "--budget", "1.0", "--rela-phase", "0.5", "--log-every", "1",
              "--no-progress", "--out", str(run_dir), "--bank-dir", str(work / f"banks-{loader}"), *train_args],
-            timeout_s=90 if tiny else 150, needs_dali=loader == "dali", check=hand_over_check(run_dir)))
+            # The first run on a GPU compiles the backbone (--compile, cold caches); the second reads the caches.
+            timeout_s=90 if tiny else (240 if loader == "torch" else 180), needs_dali=loader == "dali",
+            check=hand_over_check(run_dir)))
 
     loader = [py, "benchmarks/loader.py", "--device", device, "--quick", "--out", str(out / "loader")]
     if tiny:
