@@ -28,9 +28,8 @@ ops benchmark (TORCHDYNAMO_DISABLE=1: its compile column is then eager, for spee
 the CUDA-only steps skipped with the reason; tests/benchmarks/test_gpu_suite.py runs it so it cannot rot.
 The suite reports, it never asserts a speed: its exit status is 1 when a step failed or timed out.
 
-The lent GPU machine reaches no registry and lacks mlxtend; carry its wheel (pure Python) in an ignored folder:
-    python3 -m pip download -q --no-deps -d .whl mlxtend        # here, once
-    python benchmarks/gpu_suite.py --install --wheels .whl --out $OUT   # there, with .whl carried
+The lent GPU machine reaches no registry and lacks DALI and mlxtend: `bash benchmarks/prepare_gpu_run.sh`, run
+here first, packs both into ignored folders (.dali-N, .whl) and prints the device calls, the suite's last.
 """
 from __future__ import annotations
 
