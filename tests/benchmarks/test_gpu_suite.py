@@ -75,6 +75,17 @@ def test_carried_wheels_install_first_without_an_index(tmp_path, capsys):
     assert {"--no-index", "--no-deps", str(wheels / "mlxtend-0.23.4-py3-none-any.whl")} <= set(steps[0].command)
 
 
+def test_results_name_the_commit_given_where_the_tree_has_no_git(monkeypatch):
+    """The lent GPU machine gets a copy of the tree without .git: RELA_COMMIT names the commit there."""
+    from benchmarks.timing import current_commit
+
+    monkeypatch.delenv("RELA_COMMIT", raising=False)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert current_commit() == (head or "unknown")
+    monkeypatch.setenv("RELA_COMMIT", "0123abc-dirty")
+    assert current_commit() == "0123abc-dirty"
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="the suite targets the Linux GPU machine")
 def test_tiny_suite_runs_every_step_on_the_cpu(tmp_path):
     out = tmp_path / "suite"
