@@ -182,12 +182,11 @@ def build_steps(args, out: Path, work: Path) -> list[Step]:
     throughput = [py, "benchmarks/throughput.py", "--device", device, "--quick", "--seeds", "1", "--budgets", "0.2",
                   "--out", str(out / "throughput")]
     if tiny:
-        throughput += ["--epochs", "1", "--probe-epochs", "1", "--monitor-size", "100",
+        throughput += ["--dataset", "digits", "--epochs", "1", "--probe-epochs", "1", "--monitor-size", "100",
                        "--step-rounds", "1", "--step-repeats", "2", "--step-warmup", "1", "--methods", "dino",
                        "--skip", "loader", "bank", "projection"]
     # A 2-core machine shared with other work needs room in tiny mode too.
-    steps.append(Step("throughput", throughput, timeout_s=300,
-                      late_args=(lambda: (["--dataset", "digits"], "digits (tiny)")) if tiny else throughput_dataset(py)))
+    steps.append(Step("throughput", throughput, timeout_s=300, late_args=None if tiny else throughput_dataset(py)))
     steps.append(Step("gpu_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-m", "gpu", "tests",
                                     "--ignore=tests/ops"], timeout_s=180, needs_cuda=True))
     return steps

@@ -16,6 +16,11 @@ from rela.utils.digest import state_digest
 from rela.utils.faults import kill_point
 
 
+def skipped_on_every_rank(skipped: set[int], dist: dist_utils.DistInfo) -> set[int]:
+    """The indices of corrupt files skipped on any rank (a source's `skipped` is its own rank's). Collective."""
+    return set().union(*dist_utils.gather_objects(sorted(skipped), dist))
+
+
 def evaluate(run: Run) -> dict:
     """Linear-probe and kNN top-1 (percent) of the online backbone on the held-out split, and the
     evaluation's own time. Collective: features are extracted on each rank's shard and gathered."""
@@ -36,7 +41,7 @@ def evaluate(run: Run) -> dict:
     train_x, train_y = extract_features(backbone, run.train_source, **common)
     val_x, val_y = extract_features(backbone, val_source, **common)
     # Corrupt validation files (--skip-corrupt) are left out of the scores: counted, every rank's.
-    skipped_val = set().union(*dist_utils.gather_objects(sorted(val_source.skipped), run.dist))
+    skipped_val = skipped_on_every_rank(val_source.skipped, run.dist)
     kill_point("evaluate", run.state.step)  # tests: a death during evaluation
     results = probe_and_knn(train_x, train_y, val_x, val_y, run.splits.num_classes, protocol=cfg.probe_protocol,
                             probe_epochs=cfg.probe_epochs, seed=cfg.seed, knn_k=cfg.knn_k,
@@ -48,8 +53,8 @@ def write_summary(run: Run, results: dict) -> dict:
     """summary.json and backbone.pt on rank 0; the summary (every rank gets it). Collective."""
     cfg, state, dist = run.cfg, run.state, run.dist
     # every rank's, not only rank 0's
-    skipped_train = set().union(*dist_utils.gather_objects(sorted(run.loader.skipped), dist))
-    skipped = skipped_train | set().union(*dist_utils.gather_objects(sorted(run.train_source.skipped), dist))
+    skipped_train = skipped_on_every_rank(run.loader.skipped, dist)
+    skipped = skipped_train | skipped_on_every_rank(run.train_source.skipped, dist)
     images_seen = sum(dist_utils.gather_objects(state.images_seen, dist))
     replica_digests = dist_utils.gather_objects(state_digest(run.learner), dist)
     summary = {
