@@ -1,13 +1,10 @@
-"""One launch for the whole EMA step: lerp of flat parameter buffers plus a bitwise copy of buffers.
-
-Programs [0, param_blocks) compute target = lerp(target, online, 1 - momentum) over the flat
-parameter buffers; the remaining programs copy the online buffers' words (BN running statistics and
-counters, any dtype, stored as int64 words) into the target's.
+"""One launch for the EMA of the parameters: target = lerp(target, online, 1 - momentum) over flat buffers.
 
 The lerp is torch's, to the bit: for |w| < 0.5 it is fma(w, o - t, t), else fma(w - 1, o - t, o),
 computed in float32 for float32/bf16/fp16 parameters (ATen's opmath) and in float64 for float64.
 Triton's interpreter evaluates tl.fma as a rounded multiply then an add, so under the interpreter the
 launch helper asks for the fma to be emulated in float64 (the float32 product is exact there).
+Buffers (BN statistics, counters) are not averaged but copied; rela/ops/ema.py copies them with torch.
 """
 from __future__ import annotations
 
@@ -25,63 +22,52 @@ PAD = BLOCK
 
 @triton.jit
 def ema_kernel(
-    target_ptr, online_ptr, num_params, param_blocks,
-    target_words_ptr, online_words_ptr, num_words,
-    momentum_ptr, weight,
+    target_ptr, online_ptr, num_params, momentum_ptr, weight,
     MOMENTUM_FROM_PTR: tl.constexpr, EMULATE_FMA: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    if pid < param_blocks:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < num_params
-        t = tl.load(target_ptr + offs, mask=mask).to(ACC)
-        o = tl.load(online_ptr + offs, mask=mask).to(ACC)
-        if MOMENTUM_FROM_PTR:
-            # 1 - m in m's dtype, then rounded, as torch computes `1 - momentum` before the lerp.
-            w = (1.0 - tl.load(momentum_ptr)).to(ACC)
-        else:
-            w = tl.cast(weight, ACC)
-        small = tl.abs(w) < 0.5
-        coeff = tl.where(small, w, w - 1.0)
-        diff = o - t
-        base = tl.where(small, t, o)
-        if EMULATE_FMA:
-            new = (coeff.to(tl.float64) * diff.to(tl.float64) + base.to(tl.float64)).to(ACC)
-        else:
-            new = tl.fma(coeff + tl.full([BLOCK], 0, ACC), diff, base)
-        tl.store(target_ptr + offs, new.to(target_ptr.dtype.element_ty), mask=mask)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_params
+    t = tl.load(target_ptr + offs, mask=mask).to(ACC)
+    o = tl.load(online_ptr + offs, mask=mask).to(ACC)
+    if MOMENTUM_FROM_PTR:
+        # 1 - m in m's dtype, then rounded, as torch computes `1 - momentum` before the lerp.
+        w = (1.0 - tl.load(momentum_ptr)).to(ACC)
     else:
-        offs = (pid - param_blocks) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < num_words
-        tl.store(target_words_ptr + offs, tl.load(online_words_ptr + offs, mask=mask), mask=mask)
+        w = tl.cast(weight, ACC)
+    small = tl.abs(w) < 0.5
+    coeff = tl.where(small, w, w - 1.0)
+    diff = o - t
+    base = tl.where(small, t, o)
+    if EMULATE_FMA:
+        new = (coeff.to(tl.float64) * diff.to(tl.float64) + base.to(tl.float64)).to(ACC)
+    else:
+        new = tl.fma(coeff + tl.full([BLOCK], 0, ACC), diff, base)
+    tl.store(target_ptr + offs, new.to(target_ptr.dtype.element_ty), mask=mask)
 
 
 def _direct(kernel):
     return kernel
 
 
-def ema_launch(target: torch.Tensor, online: torch.Tensor, target_words: torch.Tensor,
-               online_words: torch.Tensor, momentum: float | torch.Tensor, wrap=_direct) -> None:
-    """target <- lerp(target, online, 1 - momentum); target_words <- online_words. One launch.
+def ema_launch(target: torch.Tensor, online: torch.Tensor, momentum: float | torch.Tensor, wrap=_direct) -> None:
+    """target <- lerp(target, online, 1 - momentum). One launch.
 
-    target, online: 1-D, same length and floating dtype. *_words: 1-D int64, same length (may be
-    empty). momentum: a Python float or a 0-dim tensor on the same device, read in the kernel.
-    wrap: applied to the jitted kernel before the launch (torch.library.wrap_triton in a custom op).
+    target, online: 1-D, same length and floating dtype. momentum: a Python float or a 0-dim tensor on
+    the same device, read in the kernel. wrap: applied to the jitted kernel before the launch
+    (torch.library.wrap_triton in a custom op).
     """
     acc = tl.float64 if target.dtype == torch.float64 else tl.float32
     if acc == tl.float64 and not isinstance(momentum, torch.Tensor):
         # Triton passes Python floats as float32; torch lerps float64 with the float64 weight.
         momentum = torch.tensor(momentum, dtype=torch.float64, device=target.device)
     from_ptr = isinstance(momentum, torch.Tensor)
-    num_params, num_words = int(target.numel()), int(target_words.numel())
-    param_blocks = -(-num_params // BLOCK)
-    grid = (param_blocks - (-num_words // BLOCK),)
+    num_params = int(target.numel())
+    grid = (-(-num_params // BLOCK),)
     if grid[0] == 0:
         return
-    # Pointers must be real even when there is nothing behind them; the kernel never reads them then.
-    words_t, words_o = (target_words, online_words) if num_words else (target, online)
     wrap(ema_kernel)[grid](
-        target, online, num_params, param_blocks, words_t, words_o, num_words,
+        target, online, num_params,
         momentum if from_ptr else target, 0.0 if from_ptr else 1.0 - momentum,
         MOMENTUM_FROM_PTR=from_ptr, EMULATE_FMA=INTERPRETED and acc == tl.float32, ACC=acc,
         BLOCK=BLOCK, num_warps=8,

@@ -5,9 +5,12 @@
 
 `prepare_ema_(target, online)` returns an `EmaPair`, whose `update(momentum)` is this step. On the
 fused path (CUDA modules; CPU ones only with fused=True, in Triton's interpreter) the pair does it
-in ONE kernel launch: `prepare_ema_` first moves the parameters of both modules into one flat buffer each (and their
-buffers into one word buffer each), in place, and the pair owns these buffers. Every parameter and
-buffer keeps its identity (same tensor object, same requires_grad, same .grad) and only its storage
+in ONE kernel launch for the parameters and one copy per buffer dtype: `prepare_ema_` first moves the
+parameters of both modules into one flat buffer each, and their buffers into one flat buffer per dtype
+(BN's float32 statistics in one, its int64 counters in another), in place, and the pair owns these
+buffers. A storage never holds two dtypes: torch.compile's AOTAutograd refuses a train-mode forward that
+mutates two buffers sharing a storage through views of different dtypes (BN's running_mean and
+num_batches_tracked: "non-differentiable view input mutations"). Every parameter and buffer keeps its identity (same tensor object, same requires_grad, same .grad) and only its storage
 becomes a view into the flat buffer. An optimizer built before therefore keeps working (it holds the
 same objects), but the safe order is to build the optimizer, DDP and torch.compile after. On the
 reference path the modules are left as they are and the pair runs `ema_update_reference_`.
@@ -47,19 +50,20 @@ except ImportError:  # no Triton: use_kernels() then never picks the fused path
 _wrap = (lambda kernel: kernel) if INTERPRETED else wrap_triton
 
 
-@triton_op("rela::ema_lerp_copy", mutates_args={"target", "target_words"})
-def _ema_lerp_copy(target: torch.Tensor, online: torch.Tensor, target_words: torch.Tensor,
-                   online_words: torch.Tensor, momentum: torch.Tensor | None, momentum_value: float) -> None:
-    """The fused step as a torch custom op (torch.compile traces into its one kernel): target <- lerp(target,
-    online, 1 - m), target_words <- online_words; m is `momentum` (0-dim, read on the device) when given,
-    else `momentum_value`."""
-    ema_launch(target, online, target_words, online_words, momentum_value if momentum is None else momentum, _wrap)
+@triton_op("rela::ema_lerp_", mutates_args={"target"})
+def _ema_lerp_(target: torch.Tensor, online: torch.Tensor, momentum: torch.Tensor | None,
+               momentum_value: float) -> None:
+    """The fused parameter step as a torch custom op (torch.compile traces into its one kernel): target <-
+    lerp(target, online, 1 - m); m is `momentum` (0-dim, read on the device) when given, else `momentum_value`."""
+    ema_launch(target, online, momentum_value if momentum is None else momentum, _wrap)
 
 
-def _ema_launch_op(target_flat: FlatModule, online_flat: FlatModule, momentum: float | torch.Tensor) -> None:
+def _fused_update(target_flat: FlatModule, online_flat: FlatModule, momentum: float | torch.Tensor) -> None:
     tensor = momentum if isinstance(momentum, torch.Tensor) else None
-    torch.ops.rela.ema_lerp_copy(target_flat.params, online_flat.params, target_flat.words, online_flat.words,
-                                 tensor, 0.0 if tensor is not None else float(momentum))
+    torch.ops.rela.ema_lerp_(target_flat.params, online_flat.params, tensor,
+                             0.0 if tensor is not None else float(momentum))
+    if target_flat.buffers:
+        torch._foreach_copy_(list(target_flat.buffers), list(online_flat.buffers))
 
 # (name, shape, dtype) of every parameter, then of every buffer, in named_parameters()/named_buffers() order.
 _Structure = tuple[tuple[tuple[str, torch.Size, torch.dtype], ...], tuple[tuple[str, torch.Size, torch.dtype], ...]]
@@ -73,15 +77,17 @@ class _Layout:
     offsets: tuple[int, ...]                             # in elements of the parameter dtype
     numel: int                                           # padded length of the parameter buffer
     dtype: torch.dtype
-    word_offsets: tuple[int, ...]                        # in int64 words
-    words: int                                           # padded length of the word buffer
+    buffer_dtypes: tuple[torch.dtype, ...]               # one flat buffer each, in order of first use
+    buffer_slots: tuple[tuple[int, int], ...]            # each buffer's (flat buffer, offset in its elements)
+    buffer_numels: tuple[int, ...]                       # padded length of each flat buffer
 
 
 @dataclass(frozen=True)
 class FlatModule:
-    """A module whose parameters are views into `params` (1-D) and buffers views into `words` (int64)."""
+    """A module whose parameters are views into `params` (1-D) and whose buffers are views into `buffers`,
+    one 1-D tensor per buffer dtype (`layout.buffer_dtypes`)."""
     params: torch.Tensor
-    words: torch.Tensor
+    buffers: tuple[torch.Tensor, ...]
     layout: _Layout
 
 
@@ -107,8 +113,9 @@ def _device(target: nn.Module, online: nn.Module) -> torch.device:
     return first_target.device
 
 
-def _words(n_bytes: int) -> int:
-    return -(-n_bytes // 8)
+def _aligned(n: int) -> int:
+    """n rounded up to 16 elements: each view starts aligned, so vector loads stay aligned within it."""
+    return -(-n // 16) * 16
 
 
 def _dense_strides(t: torch.Tensor) -> tuple[int, ...]:
@@ -132,21 +139,25 @@ def _layout_of(module: nn.Module) -> _Layout:
     offsets, offset = [], 0
     for p in params:
         offsets.append(offset)
-        # Each parameter starts 16-element aligned: vector loads stay aligned within the views too.
-        offset += -(-p.numel() // 16) * 16
-    word_offsets, word = [], 0
+        offset += _aligned(p.numel())
+    buffer_dtypes: list[torch.dtype] = []
+    slots, ends = [], []
     for b in module.buffers():
-        word_offsets.append(word)
-        word += _words(b.numel() * b.element_size())
+        if b.dtype not in buffer_dtypes:
+            buffer_dtypes.append(b.dtype)
+            ends.append(0)
+        group = buffer_dtypes.index(b.dtype)
+        slots.append((group, ends[group]))
+        ends[group] += _aligned(b.numel())
     return _Layout(
         structure=_structure(module), strides=tuple(_dense_strides(p) for p in params), offsets=tuple(offsets),
-        numel=-(-offset // PAD) * PAD, dtype=params[0].dtype, word_offsets=tuple(word_offsets),
-        words=-(-max(word, 1) // 16) * 16)
+        numel=-(-offset // PAD) * PAD, dtype=params[0].dtype, buffer_dtypes=tuple(buffer_dtypes),
+        buffer_slots=tuple(slots), buffer_numels=tuple(ends))
 
 
 @torch.no_grad()
 def flatten_module_(module: nn.Module, layout: _Layout | None = None) -> FlatModule:
-    """Moves `module`'s parameters into one flat buffer and its buffers into one int64 word buffer, in place.
+    """Moves `module`'s parameters into one flat buffer and its buffers into one flat buffer per dtype, in place.
 
     Each parameter and buffer keeps its identity and value; its storage becomes a view (`.data` is
     swapped), with its strides kept when dense (channels_last stays channels_last). `layout` (from the
@@ -162,12 +173,13 @@ def flatten_module_(module: nn.Module, layout: _Layout | None = None) -> FlatMod
         view = flat.as_strided(p.shape, stride, offset)
         view.copy_(p)
         p.data = view
-    words = torch.zeros(layout.words, dtype=torch.int64, device=device)
-    for b, word in zip(module.buffers(), layout.word_offsets):
-        view = words[word:word + _words(b.numel() * b.element_size())].view(b.dtype)[:b.numel()].view(b.shape)
+    flat_buffers = tuple(torch.zeros(n, dtype=dtype, device=device)
+                         for dtype, n in zip(layout.buffer_dtypes, layout.buffer_numels))
+    for b, (group, offset) in zip(module.buffers(), layout.buffer_slots):
+        view = flat_buffers[group][offset:offset + b.numel()].view(b.shape)
         view.copy_(b)
         b.data = view
-    return FlatModule(flat, words, layout)
+    return FlatModule(flat, flat_buffers, layout)
 
 
 def _flat_of(module: nn.Module, layout: _Layout) -> FlatModule | None:
@@ -179,16 +191,18 @@ def _flat_of(module: nn.Module, layout: _Layout) -> FlatModule | None:
                    or p.stride() != stride for p, stride, offset in zip(params, layout.strides, layout.offsets))):
         return None
     flat = params[0].detach().as_strided((layout.numel,), (1,), 0)
-    words = torch.empty(0, dtype=torch.int64, device=flat.device)
-    if buffers:
-        word_storage = buffers[0].untyped_storage()
-        if (word_storage.nbytes() != layout.words * 8
-                or any(b.untyped_storage().data_ptr() != word_storage.data_ptr()
-                       or b.storage_offset() * b.element_size() != word * 8 or not b.is_contiguous()
-                       for b, word in zip(buffers, layout.word_offsets))):
+    flat_buffers: list[torch.Tensor | None] = [None] * len(layout.buffer_dtypes)
+    for b, (group, offset) in zip(buffers, layout.buffer_slots):
+        whole = flat_buffers[group]
+        if whole is None:  # the group's first buffer starts its flat buffer
+            if offset != 0 or b.storage_offset() != 0:
+                return None
+            whole = flat_buffers[group] = b.detach().as_strided((layout.buffer_numels[group],), (1,), 0)
+        if (b.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()
+                or b.untyped_storage().nbytes() != whole.numel() * whole.element_size()
+                or b.storage_offset() != offset or not b.is_contiguous()):
             return None
-        words = words.set_(word_storage, 0, (layout.words,))
-    return FlatModule(flat, words, layout)
+    return FlatModule(flat, tuple(flat_buffers), layout)
 
 
 def _tensors(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -234,7 +248,8 @@ class EmaPair:
     timm's ModelEmaV3: it holds the modules' tensors and, on the fused path, owns their flat buffers.
 
     `target`, `online`: the modules. `fused`: whether `update` is one kernel launch over the flat
-    buffers `target_flat`, `online_flat` (None on the reference path).
+    parameter buffers `target_flat`, `online_flat` (None on the reference path), and one copy of each
+    flat buffer of buffers.
     """
 
     def __init__(self, target: nn.Module, online: nn.Module, target_flat: FlatModule | None = None,
@@ -265,7 +280,7 @@ class EmaPair:
                                "(.to(), .cuda(), .half()?): call prepare_ema_ again")
         momentum = _momentum_on(self.device, momentum)
         if self.fused:
-            _ema_launch_op(self.target_flat, self.online_flat, momentum)
+            _fused_update(self.target_flat, self.online_flat, momentum)
         else:
             _lerp_and_copy_(self._target_tensors, self._online_tensors, momentum)
 
@@ -298,7 +313,8 @@ def ema_update_(target: nn.Module, online: nn.Module, momentum: float | torch.Te
     parameters of one floating dtype (float32 usually; bf16/fp16/float64 work), buffers of any dtype
     (BN running_mean, running_var, num_batches_tracked). momentum: as for `EmaPair.update`. The fused
     path is one kernel launch over the flat buffers that `prepare_ema_` made (found again from the
-    parameters' storage; the modules are prepared here when they are not flat, or no longer); for
+    parameters' storage; the modules are prepared here when they are not flat, or no longer), then one
+    copy per buffer dtype; for
     float32/bf16/fp16 parameters it matches `torch._foreach_lerp_` bit for bit (tested on the CPU
     under the interpreter). fused: as for `prepare_ema_`.
     """

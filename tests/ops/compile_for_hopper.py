@@ -120,12 +120,9 @@ def launch_everything(label: list) -> None:
 
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         target, online = torch.zeros(1000, dtype=dtype), torch.zeros(1000, dtype=dtype)
-        words, empty = torch.zeros(10, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
         for momentum in (0.99, torch.tensor(0.99, dtype=torch.float64 if dtype == torch.float64 else torch.float32)):
-            for target_words, online_words in ((words, words.clone()), (empty, empty)):
-                label[0] = (f"{str(dtype)[6:]}, momentum {'tensor' if isinstance(momentum, torch.Tensor) else 'float'}, "
-                            f"{'with' if len(target_words) else 'no'} int64 words")
-                ema.ema_launch(target, online, target_words, online_words, momentum)
+            label[0] = f"{str(dtype)[6:]}, momentum {'tensor' if isinstance(momentum, torch.Tensor) else 'float'}"
+            ema.ema_launch(target, online, momentum)
 
 
 def main() -> int:

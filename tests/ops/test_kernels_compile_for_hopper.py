@@ -42,7 +42,7 @@ def test_every_kernel_compiles_for_sm_90_in_every_case(compiled):
         cases = {kind: {row["case"] for row in compiled if row["kernel"] == f"{family}_{kind}_kernel"}
                  for kind in ("fwd", "bwd")}
         assert cases["fwd"] == cases["bwd"] and len(cases["fwd"]) >= 9, family
-    assert sum(row["kernel"] == "ema_kernel" for row in compiled) == 12
+    assert sum(row["kernel"] == "ema_kernel" for row in compiled) == 6  # 3 dtypes x float or tensor momentum
 
 
 def test_every_kernel_fits_an_sm_at_launch(compiled):

@@ -151,9 +151,9 @@ def test_prepare_keeps_identity_values_and_strides():
         assert target.get_parameter(name).stride() == strides[name]
     for name, b in online.named_buffers():
         assert b is buffers_before[name]
-    # All parameters are views into one storage, all buffers into another.
+    # All parameters are views into one storage, the buffers into one per dtype (float32 stats, int64 counters).
     assert len({p.untyped_storage().data_ptr() for p in online.parameters()}) == 1
-    assert len({b.untyped_storage().data_ptr() for b in online.buffers()}) == 1
+    assert len({b.untyped_storage().data_ptr() for b in online.buffers()}) == 2
     assert online[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -225,6 +225,34 @@ def test_float64_parameters(launches):
     assert len(launches) == 1
     for got, expected in zip(target.parameters(), expected_target.parameters()):
         torch.testing.assert_close(got, expected, rtol=1e-15, atol=1e-15)
+
+
+def test_buffers_get_one_flat_buffer_per_dtype():
+    """BN's float32 statistics share one storage and its int64 counters another: no storage holds two dtypes."""
+    net = small_net(3)
+    flat = flatten_module_(net)
+    assert [b.dtype for b in flat.buffers] == [torch.float32, torch.int64]
+    storages: dict[int, set[torch.dtype]] = {}
+    for b in net.buffers():
+        storages.setdefault(b.untyped_storage().data_ptr(), set()).add(b.dtype)
+    assert sorted(map(len, storages.values())) == [1, 1], storages
+    assert {ptr for ptr in storages} == {b.untyped_storage().data_ptr() for b in flat.buffers}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_compiled_train_forward_after_prepare(channels_last):
+    """torch.compile's AOTAutograd traces a train-mode forward that mutates the flat buffers' views (BN's
+    running statistics and counters); it refused views of two dtypes in one storage."""
+    target, online = ema_pair(channels_last)
+    expected = copy.deepcopy(online)
+    prepare_ema_(target, online, fused=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(online, backend="aot_eager")
+    x = torch.randn(6, 3, 6, 6, generator=torch.Generator().manual_seed(5))
+    compiled.train()
+    expected.train()
+    torch.testing.assert_close(compiled(x), expected(x))
+    assert_same_state(online, state(expected))
 
 
 def test_flatten_module_puts_parameters_into_one_padded_buffer():

@@ -77,14 +77,13 @@ def test_cosine_loss_kernels_compile_for_sm90(compiler, num_pairs, inputs, acc):
 
 @pytest.mark.parametrize("params, from_ptr", [("fp32", True), ("fp32", False), ("bf16", True), ("fp64", True)])
 def test_ema_kernel_compiles_for_sm90_with_vector_loads(compiler, params, from_ptr):
-    types = {"target_ptr": f"*{params}", "online_ptr": f"*{params}", "target_words_ptr": "*i64",
-             "online_words_ptr": "*i64", "momentum_ptr": "*fp32", "weight": "fp32"}
+    types = {"target_ptr": f"*{params}", "online_ptr": f"*{params}", "momentum_ptr": "*fp32", "weight": "fp32"}
     acc = tl.float64 if params == "fp64" else tl.float32
     kernel = compile_for_h100(compiler, ema_kernel, types, dict(
         MOMENTUM_FROM_PTR=from_ptr, EMULATE_FMA=False, ACC=acc, BLOCK=BLOCK))
     ptx = kernel.asm["ptx"]
     assert kernel.asm["cubin"]
-    if params != "fp64":  # 16-byte parameter loads, as bandwidth needs (fp64 ones look like the words')
+    if params != "fp64":  # 16-byte parameter loads, as bandwidth needs
         assert "ld.global.v4.b32" in ptx
     assert "fma.rn.f" in ptx
 
