@@ -153,6 +153,10 @@ def build_run(cfg: Config, dist: DistInfo, device: torch.device, run_dir: Path, 
     learner, model, ema, optimizer = build_networks(cfg, backbone, bank.dim if bank else None, splits.num_classes,
                                                     dist, device, channels_last=channels_last, fused=fused)
 
+    if cfg.sync_bn and dist.enabled and compiles(cfg, device):
+        log.info("note: --sync-bn with --compile: torch.compile breaks the graph at every SyncBatchNorm layer "
+                 "(its collectives are not traced; pytorch/pytorch#161302), so the backbone runs as many small "
+                 "graphs; leave out --sync-bn (per-rank BN, the default) for one graph")
     schedule = _build_schedule(cfg, -(-sampler.steps_per_epoch // cfg.grad_accum))
     controller = PhaseController(device, threshold=cfg.rela_threshold, averaging_scale=cfg.rela_averaging_scale)
     if bank is not None and schedule.rela_end_fixed is None and schedule.total_steps < controller.earliest_plateau_step():
@@ -213,7 +217,7 @@ def build_networks(cfg: Config, backbone: nn.Module, target_dim: int | None, num
         learner = nn.SyncBatchNorm.convert_sync_batchnorm(learner)
     learner = learner.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     ema = make_ema_updater(learner, fused)  # before the optimiser and DDP: it moves weights into flat buffers
-    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
+    if compiles(cfg, device):
         # In place (Module.compile): parameter names keep no `_orig_mod.` prefix, so checkpoints and
         # backbone.pt read the same compiled or not. After the EMA's flattening, which swaps storages.
         for module in learner.method.backbones():
@@ -221,6 +225,11 @@ def build_networks(cfg: Config, backbone: nn.Module, target_dim: int | None, num
     optimizer = build_optimizer(learner.named_parameters(), cfg.optimizer, peak_learning_rate(cfg), cfg.weight_decay)
     model = wrap_for_ranks(learner, dist, device, phase="rela" if rela_map is not None else cfg.method)
     return learner, model, ema, optimizer
+
+
+def compiles(cfg: Config, device: torch.device) -> bool:
+    """Whether the backbones are compiled: --compile on, or auto on CUDA."""
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
 
 def wrap_for_ranks(learner: Learner, dist: DistInfo, device: torch.device, phase: str) -> nn.Module:
