@@ -66,9 +66,22 @@ def test_checkpoints_are_complete_files(tmp_path):
     assert main([*ARGS, "--bank-dir", str(tmp_path / "banks"), "--out", str(tmp_path / "run")]) == 0
     files = sorted((tmp_path / "run" / "checkpoints").iterdir())
     assert [f.name for f in files] == ["ckpt-000000024.pt", "ckpt-000000027.pt"]
+    backbone = backbone_of(tmp_path / "run")
     for f in files:
         state = torch.load(f, weights_only=False)
         assert {"learner", "optimizer", "controller", "loader", "train_state"} <= set(state)
+        # Each entry whole, not only named: every backbone weight and buffer in the learner (at its shape),
+        # an optimiser state for every parameter it steps, the controller's fields, each rank's loader, the
+        # step the file is named after.
+        learner = state["learner"]
+        for name, value in backbone.items():
+            assert learner[f"method.backbone.{name}"].shape == value.shape, name
+        stepped = sum(len(group["params"]) for group in state["optimizer"]["param_groups"])
+        assert stepped > 0 and len(state["optimizer"]["state"]) == stepped
+        assert all({"exp_avg", "exp_avg_sq", "step"} <= set(s) for s in state["optimizer"]["state"].values())
+        assert {"fast", "slow", "rho", "done", "plateau_step", "flags", "updates"} <= set(state["controller"])
+        assert len(state["loader"]) == 1 and state["loader"][0]
+        assert state["train_state"]["step"] == int(f.stem.split("-")[1])
 
 
 def test_resume_refuses_other_settings_and_fresh_runs_refuse_used_folders(tmp_path, capsys):

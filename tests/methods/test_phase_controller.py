@@ -46,15 +46,30 @@ def test_controller_not_done_while_loss_falls_fast():
     assert controller.plateau_step.item() == -1
 
 
-def test_controller_state_round_trip():
+CONTROLLER_FIELDS = ("fast", "slow", "rho", "done", "plateau_step")
+
+
+def assert_same_controller(a: PhaseController, b: PhaseController) -> None:
+    for name in CONTROLLER_FIELDS:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.ended_before() == b.ended_before()
+
+
+@pytest.mark.parametrize("saved_at", [1, 50, 800], ids=["after_one_update", "mid_phase", "after_the_plateau"])
+def test_controller_state_round_trip(saved_at):
+    """Every field survives a save and load, and both controllers then decide alike, step for step, through
+    the plateau (a loss that falls, then sits flat)."""
+    losses = [1.0 + 0.5 * max(0, 1 - step / 100) for step in range(1, 900)]  # the rule fires at step ~530
     a, b = PhaseController(torch.device("cpu")), PhaseController(torch.device("cpu"))
-    for step in range(1, 50):
-        a.update(torch.tensor(0.5), step)
+    for step, loss in enumerate(losses[:saved_at], start=1):
+        a.update(torch.tensor(loss), step)
     b.load_state_dict(a.state_dict())
-    for step in range(50, 60):
-        a.update(torch.tensor(0.4), step)
-        b.update(torch.tensor(0.4), step)
-    assert a.rho.item() == b.rho.item() and a.fast.item() == b.fast.item()
+    assert_same_controller(a, b)
+    for step, loss in enumerate(losses[saved_at:], start=saved_at + 1):
+        a.update(torch.tensor(loss), step)
+        b.update(torch.tensor(loss), step)
+        assert_same_controller(a, b)
+    assert a.done.item() and a.plateau_step.item() > 100  # the sequence does reach the plateau
 
 
 def test_earliest_plateau_step_is_a_true_lower_bound():
