@@ -10,6 +10,8 @@ dictionary lookup.
   rename, e.g. write:ckpt-000000008.pt), `evaluate` (the final step, between feature extraction and
   the probes).
 - RELA_SLEEP_AT=STAGE:WHERE:SECONDS: waits there instead (tests of concurrent runs).
+- RELA_WAIT_AT=STAGE:WHERE:PATH: waits there until the file PATH exists, a gate the test opens when it is
+  ready (tests of concurrent runs that must not depend on how fast a loaded machine is; 15 minutes at most).
 - RELA_KILL_RANK=R: the two above fire on rank R only (RANK, as torchrun sets it; default every rank).
 - RELA_FAIL_WRITE=PATTERN:ERRNO: an atomic write of a file whose name matches PATTERN (fnmatch) raises
   OSError(ERRNO), e.g. ENOSPC or EROFS, after half its bytes are written, as a full disk would.
@@ -38,8 +40,8 @@ def _armed() -> bool:
 
 def kill_point(stage: str, where: int | str) -> None:
     """Dies (or sleeps) here if RELA_KILL_AT (RELA_SLEEP_AT) names this stage and place."""
-    kill, sleep = os.environ.get("RELA_KILL_AT"), os.environ.get("RELA_SLEEP_AT")
-    if kill is None and sleep is None:
+    kill, sleep, wait = (os.environ.get(name) for name in ("RELA_KILL_AT", "RELA_SLEEP_AT", "RELA_WAIT_AT"))
+    if kill is None and sleep is None and wait is None:
         return
     here = f"{stage}:{where}"
     if kill is not None and (kill == here or kill.rsplit(":", 1)[0] == here) and _armed():
@@ -47,6 +49,10 @@ def kill_point(stage: str, where: int | str) -> None:
         os.kill(os.getpid(), getattr(signal, name))
     if sleep is not None and sleep.rsplit(":", 1)[0] == here and _armed():
         time.sleep(float(sleep.rsplit(":", 1)[1]))
+    if wait is not None and wait.startswith(here + ":") and _armed():
+        gate, deadline = Path(wait[len(here) + 1:]), time.monotonic() + 900
+        while not gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def write_fault(path: Path) -> OSError | None:

@@ -1,7 +1,6 @@
 """The settings a GPU run turns on, checked where a CPU can check them: backend flags and DDP's arguments."""
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -33,11 +32,9 @@ def test_cuda_runs_turn_on_cudnn_autotuning_and_tf32_and_cpu_runs_change_nothing
 
 
 @pytest.fixture
-def one_rank_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+def one_rank_group(tmp_path):
+    # A file store: a port closed after it was found free could be taken by another process before gloo binds it.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     yield DistInfo(rank=0, world_size=2)  # "enabled", so that the learner is wrapped
     dist.destroy_process_group()
 
