@@ -40,5 +40,5 @@ def test_sampler_takes_an_epoch_of_exactly_one_batch(n, budget, batch, world):
 def test_zero_epochs_is_refused(tmp_path, capsys):
     """Already refused before this work (config.validate); pinned here."""
     line = run_trainer(capsys, tmp_path, *FAST_ARGS, "--epochs", "0").error_line
-    assert line == "rela.train: error: --epochs must be at least 1, got 0"
+    assert line == "rela.train: error: --epochs must be an integer >= 1, got 0"
     assert not any((tmp_path / "run").glob("*")), "a refused run writes nothing"

@@ -154,16 +154,16 @@ def test_priors_from_files_and_runs(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--arch", "vgg99"], "unknown architecture 'vgg99'"),
-    (["--budget", "0"], "--budget must be in (0, 1]"),
-    (["--budget", "1.5"], "--budget must be in (0, 1]"),
+    (["--budget", "0"], "--budget must be a finite number in (0, 1]"),
+    (["--budget", "1.5"], "--budget must be a finite number in (0, 1]"),
     (["--dataset", "imagefolder", "--data", "/nonexistent/folder"], "data folder /nonexistent/folder does not exist"),
     (["--dataset", "cifar10"], "needs --data"),
     (["--prior", "torchscript:/nonexistent.pt"], "file /nonexistent.pt does not exist"),
     (["--prior", "magic"], "unknown --prior 'magic'"),
     (["--prior", "torchvision:notanet"], "torchvision has no model 'notanet'"),
     (["--rela-phase", "sometimes"], "--rela-phase must be 'adaptive' or a fraction"),
-    (["--val-fraction", "0"], "--val-fraction must be in (0, 1)"),
-    (["--knn-temperature", "0"], "--knn-temperature must be positive"),
+    (["--val-fraction", "0"], "--val-fraction must be a finite number in (0, 1)"),
+    (["--knn-temperature", "0"], "--knn-temperature must be a finite number > 0"),
     (["--sync-bn"], "--sync-bn needs CUDA devices"),
 ])
 def test_bad_options_give_one_clear_message(tmp_path, capsys, args, message):
