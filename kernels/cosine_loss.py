@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .casts import cast_rne
 
 # Helpers and triton.language's own jitted functions (tl.sum, tl.zeros, tl.cdiv) cost milliseconds per
 # call in Triton's interpreter, where the tests run: the kernels call them once per pair and row block,
@@ -51,10 +52,12 @@ def _pair_cosine(a_ptr, b_ptr, stride_a_row, stride_a_col, stride_b_row, stride_
     else:
         norm_a = tl.sqrt_rn(aa)
         norm_b = tl.sqrt_rn(bb)
-    clamped_a = tl.maximum(norm_a, eps)
-    r = 1.0 / (clamped_a * tl.maximum(norm_b, eps))
+    # torch's clamp_min keeps a NaN norm, and so a NaN row's loss and whole gradient row are NaN; tl.maximum
+    # would return eps (it is IEEE maxNum unless asked to propagate NaN).
+    clamped_a = tl.maximum(norm_a, eps, propagate_nan=tl.PropagateNan.ALL)
+    r = 1.0 / (clamped_a * tl.maximum(norm_b, eps, propagate_nan=tl.PropagateNan.ALL))
     cos = dot * r
-    s = tl.where(norm_a > 0, cos / (clamped_a * tl.where(norm_a > 0, norm_a, 1.0)), 0.0)
+    s = tl.where(norm_a == 0, 0.0, cos / (clamped_a * tl.where(norm_a == 0, 1.0, norm_a)))
     return cos, r, s
 
 
@@ -66,7 +69,8 @@ def _store_pair_grad(a_ptr, b_ptr, stride_a_row, stride_a_col, stride_b_row, str
     s = scale * tl.load(stats + 1, mask=row_mask, other=0.0)
     a = tl.load(a_ptr + rows64 * stride_a_row + cols64 * stride_a_col, mask=mask, other=0.0).to(ACC)
     b = tl.load(b_ptr + rows64 * stride_b_row + cols64 * stride_b_col, mask=mask, other=0.0).to(ACC)
-    tl.store(grad_ptr + rows64 * D + cols64, r[:, None] * b - s[:, None] * a, mask=mask)
+    tl.store(grad_ptr + rows64 * D + cols64, cast_rne(r[:, None] * b - s[:, None] * a, grad_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .casts import cast_rne
+
 # Interpreter note (see cosine_loss.py): triton.language's jitted helpers cost milliseconds per call in
 # Triton's interpreter, where the tests run, so the kernels spell the online softmax out inline.
 
@@ -251,8 +253,10 @@ def dino_loss_bwd_kernel(
     t2 = tl.load(t2_ptr + rows64 * stride_t2_row + cols64 * stride_t2_col, mask=mask, other=0.0).to(ACC)
     q1 = tl.exp((t1 - c) * inv_tt - lse_u1)
     q2 = tl.exp((t2 - c) * inv_tt - lse_u2)
-    tl.store(grad_s1_ptr + rows64 * K + cols64, scale * (tl.exp(z1 - lse_z1) - q2), mask=mask)
-    tl.store(grad_s2_ptr + rows64 * K + cols64, scale * (tl.exp(z2 - lse_z2) - q1), mask=mask)
+    grad_s1 = scale * (tl.exp(z1 - lse_z1) - q2)
+    grad_s2 = scale * (tl.exp(z2 - lse_z2) - q1)
+    tl.store(grad_s1_ptr + rows64 * K + cols64, cast_rne(grad_s1, grad_s1_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_s2_ptr + rows64 * K + cols64, cast_rne(grad_s2, grad_s2_ptr.dtype.element_ty), mask=mask)
 
 
 # One buffer of ticket counters per device and stream (launches on one stream never overlap), zeroed when
