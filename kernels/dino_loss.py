@@ -13,7 +13,8 @@ the running max and sum of exp for z_1, z_2, u_1, u_2, and for each teacher the 
 crossed student's z (sum_k exp(u_a - max) z_b, rescaled like the sum), so sum_k q_a z_b never needs a
 second pass. It also sums t_1 + t_2 over its rows per column. Three levels of "last ticket" reduce
 what the programs wrote, each in a fixed order (deterministic, no float atomics, no extra launch):
-- per column chunk, the last of its row blocks adds the row blocks' column sums -> teacher_mean;
+- per column chunk, the last of its row blocks adds the row blocks' column sums (a tile of row blocks at a
+  time) -> teacher_mean;
 - per row block, the last of its column chunks merges the chunks' softmax statistics, stores each row's
   four log-sum-exps (lse of z_1, z_2, u_1, u_2) for the backward and adds the rows' losses;
 - the last row block to finish adds the row blocks' losses -> loss.
@@ -48,7 +49,7 @@ def dino_loss_fwd_kernel(
     temps_ptr, partial_cols_ptr, partial_stats_ptr, partial_loss_ptr, counter_ptr,
     lse_ptr, teacher_mean_ptr, loss_ptr,
     B, K, CHUNK_K,
-    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
 ):
     row_block = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -144,11 +145,14 @@ def dino_loss_fwd_kernel(
             cols = k0 + tl.arange(0, BLOCK_K)
             col_mask = cols < col_end
             total = tl.full([BLOCK_K], 0, ACC)
-            column = partial_cols_ptr + cols
-            for r in range(0, num_row_blocks):
+            # BLOCK_R row blocks' column sums per step: one wide load in flight, not one per row block.
+            for r0 in range(0, num_row_blocks, BLOCK_R):
+                blocks = r0 + tl.arange(0, BLOCK_R)
+                tile_mask = (blocks < num_row_blocks)[:, None] & col_mask[None, :]
                 # .cg reads from L2: the other programs' partials may be stale in this SM's L1.
-                total += tl.load(column, mask=col_mask, other=0.0, cache_modifier=".cg")
-                column += K  # pointer steps: 64-bit, however many row blocks
+                tile = tl.load(partial_cols_ptr + blocks.to(tl.int64)[:, None] * K + cols[None, :], mask=tile_mask,
+                               other=0.0, cache_modifier=".cg")
+                total += tl.sum(tile, axis=0)
             tl.store(teacher_mean_ptr + cols, total / (2 * B), mask=col_mask)
         tl.atomic_xchg(counter_ptr + chunk, 0)
 
@@ -290,8 +294,12 @@ def _launch_shape(device: torch.device) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=256)
-def _fwd_blocks(B: int, K: int, target_programs: int, tile: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_B, BLOCK_K, CHUNK_K, row blocks, column chunks) of the forward."""
+def _fwd_blocks(B: int, K: int, target_programs: int, tile: int) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_B, BLOCK_K, CHUNK_K, row blocks, column chunks, BLOCK_R) of the forward.
+
+    BLOCK_R: how many row blocks' column sums the last program of a column chunk adds per step, a tile of
+    about `tile` elements.
+    """
     # Up to 16 rows per tile, so that the column sums written per row block (row blocks x K floats) stay
     # small against the inputs (B x K each).
     block_b = min(_pow2(B), 16)
@@ -300,12 +308,13 @@ def _fwd_blocks(B: int, K: int, target_programs: int, tile: int) -> tuple[int, i
     # Enough column chunks to fill the device, each a whole number of BLOCK_K steps.
     chunks = max(1, min(_cdiv(target_programs, row_blocks), _cdiv(K, block_k)))
     chunk_k = _cdiv(_cdiv(K, chunks), block_k) * block_k
-    return block_b, block_k, chunk_k, row_blocks, _cdiv(K, chunk_k)
+    block_r = min(_pow2(row_blocks), max(1, tile // block_k))
+    return block_b, block_k, chunk_k, row_blocks, _cdiv(K, chunk_k), block_r
 
 
 def num_tickets(B: int, K: int, device: torch.device) -> int:
     """How many int32 ticket counters the forward launch for (B, K) inputs on `device` uses."""
-    _, _, _, row_blocks, chunks = _fwd_blocks(B, K, *_launch_shape(device))
+    _, _, _, row_blocks, chunks, _ = _fwd_blocks(B, K, *_launch_shape(device))
     return chunks + row_blocks + 1
 
 
@@ -339,7 +348,7 @@ def dino_loss_forward(s1, s2, t1, t2, center, temps: torch.Tensor, counters: tor
     B, K = int(s1.shape[0]), int(s1.shape[1])
     device = s1.device
     acc = _acc_dtype(s1, s2, t1, t2, center)
-    block_b, block_k, chunk_k, row_blocks, chunks = _fwd_blocks(B, K, *_launch_shape(device))
+    block_b, block_k, chunk_k, row_blocks, chunks, block_r = _fwd_blocks(B, K, *_launch_shape(device))
     if counters.numel() < chunks + row_blocks + 1:
         raise ValueError(f"dino_loss_forward needs {chunks + row_blocks + 1} ticket counters, got {counters.numel()}")
     partial_cols = torch.empty((row_blocks, K), dtype=acc, device=device)
@@ -352,7 +361,7 @@ def dino_loss_forward(s1, s2, t1, t2, center, temps: torch.Tensor, counters: tor
         s1, s2, t1, t2, center, *s1.stride(), *s2.stride(), *t1.stride(), *t2.stride(), center.stride(0),
         temps, partial_cols, partial_stats, partial_loss, counters, lse, teacher_mean, loss,
         B, K, chunk_k,
-        BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_P=min(_pow2(row_blocks), 1024), ACC=_tl(acc),
+        BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_P=min(_pow2(row_blocks), 1024), ACC=_tl(acc),
         num_warps=8 if block_b * block_k >= 2048 else 4,
     )
     return loss, teacher_mean, lse

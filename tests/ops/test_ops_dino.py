@@ -316,7 +316,7 @@ def test_dino_kernels_compile_for_sm90(compiler, inputs_dtype, acc):
     acc_dtype = tl.float64 if acc == "fp64" else tl.float32
     types = _dino_types(inputs_dtype, acc)
     fwd = compile_for_h100(compiler, dino_loss_fwd_kernel, types,
-                           dict(BLOCK_B=16, BLOCK_K=128, BLOCK_P=16, ACC=acc_dtype))
+                           dict(BLOCK_B=16, BLOCK_K=128, BLOCK_R=16, BLOCK_P=16, ACC=acc_dtype))
     bwd = compile_for_h100(compiler, dino_loss_bwd_kernel, types, dict(BLOCK_B=2, BLOCK_K=1024, ACC=acc_dtype))
     assert fwd.asm["cubin"] and bwd.asm["cubin"]
     assert "atom.global" in fwd.asm["ptx"]  # the last-ticket reductions

@@ -1,6 +1,6 @@
 """Numerics the loss kernels share with torch beyond the float64 tolerances: NaN and infinity go where the
-references send them, and bf16 outputs round to nearest even (also in Triton's interpreter, which truncates
-on its own).
+references send them, bf16 outputs round to nearest even (also in Triton's interpreter, which truncates on
+its own), and the DINO teacher mean is exact over many row blocks.
 """
 from __future__ import annotations
 
@@ -194,3 +194,17 @@ def test_bf16_dino_gradients_round_to_nearest_even(B, K, dino_launches, poison):
         assert bf16.dtype == torch.bfloat16
         assert torch.equal(bf16.view(torch.int16), fp32.to(torch.bfloat16).view(torch.int16))
         assert bf16_ulps(bf16, fp64.to(torch.bfloat16)).max() <= 1
+
+
+# --- DINO teacher mean over many row blocks ----------------------------------------------------------------
+
+def test_dino_teacher_mean_over_many_row_blocks_matches_float64(dino_launches, poison):
+    """592 rows are 37 row blocks of 16: the last program of each column chunk adds them a tile of 16 row
+    blocks at a time (three steps, the last one masked); the mean is the float64 one within float32 rounding."""
+    s1, s2, t1, t2, center = inputs(592, 1000, torch.float32, seed=4)
+    _, teacher_mean = dino_loss(s1, s2, t1, t2, center, STUDENT_TEMP, TEACHER_TEMP, fused=True)
+    expected = (t1.double().sum(0) + t2.double().sum(0)) / (2 * 592)
+
+    assert len(dino_launches) == 1
+    # Each of the 2 * 592 terms is below 5 in size: a float32 sum of them errs by well under 1e-6 here.
+    assert (teacher_mean.double() - expected).abs().max().item() <= 1e-6
