@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from rela.data.views import BYOL_VIEWS
-from rela.methods.base import SslMethod
+from rela.methods.base import SslMethod, float32_loss
 from rela.models.heads import mlp
 from rela.utils.distributed import all_reduce_sum_with_grad, rank_and_world_size
 
@@ -39,16 +39,25 @@ class BarlowTwins(SslMethod):
 
 
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambda_offdiag: float, eps: float = 1e-5) -> torch.Tensor:
-    """sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2, C = z1n^T z2n / N: each view's projections
-    standardised per dimension over this rank's batch (as a BatchNorm without affine does), the product
-    summed over every rank's batch (N = B x ranks). z1, z2: (B, D)."""
+    """sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2, C = z1n^T z2n / N over the global batch of N = B x
+    ranks images, as facebookresearch/barlowtwins main.py computes it: each view standardised per dimension
+    with the global batch's mean and biased variance (its BatchNorm1d(affine=False), made a SyncBatchNorm
+    under DDP), the product summed over ranks. Every sum over ranks carries its gradient, so after DDP's
+    average the gradient is the global loss's (the official all_reduce of C carries none: its gradient is
+    1/ranks of this). z1, z2: (B, D), equal B on every rank, any float dtype; computed in float32 with
+    autocast off."""
     _, world = rank_and_world_size()
-    z1n, z2n = (_standardise(z.float(), eps) for z in (z1, z2))
-    c = all_reduce_sum_with_grad(z1n.T @ z2n) / (z1.shape[0] * world)
-    on_diag = (1 - torch.diagonal(c)).pow(2).sum()
-    off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
-    return on_diag + lambda_offdiag * off_diag
-
-
-def _standardise(z: torch.Tensor, eps: float) -> torch.Tensor:
-    return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps)
+    n = z1.shape[0] * world
+    if n < 2:
+        raise ValueError("Barlow Twins' loss needs at least 2 images across ranks: one image standardises to "
+                         "zeros (a constant loss, no gradient)")
+    with float32_loss(z1.device):
+        z = torch.stack([z1, z2]).float()  # (2, B, D): both views' statistics in one all-reduce
+        mean = all_reduce_sum_with_grad(z.sum(1, keepdim=True)) / n
+        centred = z - mean
+        variance = all_reduce_sum_with_grad(centred.pow(2).sum(1, keepdim=True)) / n
+        z1n, z2n = centred / torch.sqrt(variance + eps)
+        c = all_reduce_sum_with_grad(z1n.T @ z2n) / n
+        on_diag = (1 - torch.diagonal(c)).pow(2).sum()
+        off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+        return on_diag + lambda_offdiag * off_diag

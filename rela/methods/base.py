@@ -11,8 +11,12 @@ copy, where it keeps one), its views and its own state. The training loop knows 
   `backbones` and `teacher_forward` from here.
 - `schedule(step, steps_per_epoch)`: the method's own step-indexed settings (DINO's teacher temperature
   warm-up); called before every step, nothing to save (recomputed from the step on resume).
+- `after_step()`: called once after each optimiser step, whatever --grad-accum: state that the official
+  code updates once per iteration (DINO's centre, from the step's micro-batches together).
 - Its state (DINO's centre) lives in registered buffers, so it travels with the learner's state_dict
   into every checkpoint.
+- A loss made of torch matmuls runs in float32 with autocast off (`float32_loss`); the fused ops (BYOL's,
+  SimSiam's, DINO's) compute in float32 themselves.
 
 The RELA phase is the same for every method: it regresses the bank's targets from `backbone` (see
 rela/methods/rela.py), and the EMA step still runs where there is a teacher.
@@ -75,6 +79,9 @@ class SslMethod(nn.Module):
     def schedule(self, step: int, steps_per_epoch: int) -> None:
         pass
 
+    def after_step(self) -> None:
+        pass
+
     def backbones(self) -> list[nn.Module]:
         """The student's backbone, and the teacher's where there is one: what --compile compiles."""
         return [self.backbone] + [getattr(self, teacher) for teacher, _ in self.teacher_modules[:1]]
@@ -85,6 +92,13 @@ class SslMethod(nn.Module):
         for p in teacher.parameters():
             p.requires_grad_(False)
         return teacher
+
+
+def float32_loss(device: torch.device):
+    """The context a loss runs in: autocast off. Under the step's bf16 autocast a matmul casts even float32
+    inputs to bf16 (8 bits of mantissa: errors of up to about a percent in a (D x D) cross-correlation or a
+    (B x B) similarity matrix and their gradients), whatever `.float()` the loss calls first."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def preset_defaults(defaults: dict[str, dict[str, Any]], preset: str) -> dict[str, Any]:

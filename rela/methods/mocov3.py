@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rela.data.views import BYOL_VIEWS
-from rela.methods.base import SslMethod
+from rela.methods.base import SslMethod, float32_loss
 from rela.models.heads import mlp
 from rela.utils.distributed import all_gather_rows, rank_and_world_size
 
@@ -49,12 +49,17 @@ class MocoV3(SslMethod):
 
 
 def moco_contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MoCo v3's ctr(q, k): cross-entropy of q's cosine similarities to every rank's keys (gathered, no
-    gradient) over the temperature, the positive being the key of the same image, times 2 * temperature
-    (the official code's scaling). q: (B, D) with gradient; k: (B, D) the teacher's, detached."""
+    """MoCo v3's ctr(q, k) (moco-v3 moco/builder.py contrastive_loss): cross-entropy of q's cosine
+    similarities to every rank's keys (gathered, no gradient) over the temperature, the positive being the
+    key of the same image, times 2 * temperature (the official code's scaling). q: (B, D) with gradient;
+    k: (B, D) the teacher's, detached; any float dtype, computed in float32 with autocast off."""
     rank, world = rank_and_world_size()
-    q = F.normalize(q.float(), dim=1)
-    keys = all_gather_rows(F.normalize(k.detach().float(), dim=1), [q.shape[0]] * world)
-    logits = q @ keys.T / temperature
-    labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
-    return F.cross_entropy(logits, labels) * (2 * temperature)
+    if q.shape[0] * world < 2:
+        raise ValueError("MoCo v3's loss needs at least 2 images across ranks: with one, its only key is the "
+                         "positive (a constant loss, no gradient)")
+    with float32_loss(q.device):
+        q = F.normalize(q.float(), dim=1)
+        keys = all_gather_rows(F.normalize(k.detach().float(), dim=1), [q.shape[0]] * world)
+        logits = q @ keys.T / temperature
+        labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
+        return F.cross_entropy(logits, labels) * (2 * temperature)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rela.data.views import ViewSpec
-from rela.methods.base import SslMethod
+from rela.methods.base import SslMethod, float32_loss
 from rela.models.heads import mlp
 from rela.utils.distributed import gather_rows_with_grad, rank_and_world_size
 
@@ -45,16 +45,22 @@ class SimClr(SslMethod):
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SimCLR's loss: the mean over this rank's 2B rows of -log softmax of the positive (the other view of
-    the same image) among the 2BW - 1 other rows of the global batch (every rank's, gathered with their
-    gradient), on cosine similarities divided by the temperature. z1, z2: (B, D), this rank's views."""
+    """SimCLR's loss (the paper's eq. 1 averaged over the 2N views, as lightly and solo-learn have it; the
+    official TF code's loss_a + loss_b is twice this): the mean over this rank's 2B rows of -log softmax of
+    the positive (the other view of the same image) among the 2BW - 1 other rows of the global batch
+    (every rank's, gathered with their gradient), on cosine similarities divided by the temperature.
+    z1, z2: (B, D), this rank's views, any float dtype; computed in float32 with autocast off."""
     rank, world = rank_and_world_size()
     batch = z1.shape[0]
-    queries = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    keys = torch.cat([gather_rows_with_grad(F.normalize(z.float(), dim=1)) for z in (z1, z2)])  # (2BW, D)
-    logits = queries @ keys.T / temperature
-    local = torch.arange(batch, device=z1.device) + rank * batch
-    self_index = torch.cat([local, local + world * batch])
-    positive = torch.cat([local + world * batch, local])
-    logits = logits.masked_fill(F.one_hot(self_index, keys.shape[0]).bool(), float("-inf"))
-    return F.cross_entropy(logits, positive)
+    if batch * world < 2:
+        raise ValueError("SimCLR's loss needs at least 2 images across ranks: with one, its only candidate is "
+                         "the positive (a constant loss, no gradient)")
+    with float32_loss(z1.device):
+        queries = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+        keys = torch.cat([gather_rows_with_grad(F.normalize(z.float(), dim=1)) for z in (z1, z2)])  # (2BW, D)
+        logits = queries @ keys.T / temperature
+        local = torch.arange(batch, device=z1.device) + rank * batch
+        self_index = torch.cat([local, local + world * batch])
+        positive = torch.cat([local + world * batch, local])
+        logits = logits.masked_fill(F.one_hot(self_index, keys.shape[0]).bool(), float("-inf"))
+        return F.cross_entropy(logits, positive)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rela.data.views import BYOL_VIEWS
-from rela.methods.base import SslMethod
+from rela.methods.base import SslMethod, float32_loss
 from rela.models.heads import mlp
 from rela.utils.distributed import gather_rows_with_grad
 
@@ -44,14 +44,21 @@ class Vicreg(SslMethod):
 
 def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_weight: float, var_weight: float, cov_weight: float,
                 eps: float = 1e-4) -> torch.Tensor:
-    """sim * MSE(z1, z2) + var * (v(z1) + v(z2)) + cov * (c(z1) + c(z2)), with v(z) = mean_j relu(1 - sqrt(Var z_j
-    + eps)) and c(z) = sum_{i != j} Cov(z)_ij^2 / D (unbiased covariance), over every rank's batch (gathered
-    with gradients, as solo-learn does). z1, z2: (B, D)."""
-    z1, z2 = z1.float(), z2.float()
-    invariance = F.mse_loss(z1, z2)
-    z1, z2 = gather_rows_with_grad(z1), gather_rows_with_grad(z2)
-    return (sim_weight * invariance + var_weight * (_variance(z1, eps) + _variance(z2, eps))
-            + cov_weight * (_covariance(z1) + _covariance(z2)))
+    """facebookresearch/vicreg main_vicreg.py's loss: sim * MSE(z1, z2) + var * (v(z1) + v(z2)) / 2
+    + cov * (c(z1) + c(z2)), with v(z) = mean_j relu(1 - sqrt(Var z_j + eps)) and c(z) = sum_{i != j}
+    Cov(z)_ij^2 / D (unbiased variance and covariance), over every rank's batch (gathered with gradients);
+    the MSE over this rank's. The variance term's / 2 is the official code's, not in the paper's formula: the
+    paper's weight 25 acts as 12.5 there and here.
+    z1, z2: (B, D), any float dtype; computed in float32 with autocast off."""
+    with float32_loss(z1.device):
+        z1, z2 = z1.float(), z2.float()
+        invariance = F.mse_loss(z1, z2)
+        z1, z2 = gather_rows_with_grad(z1), gather_rows_with_grad(z2)
+        if z1.shape[0] < 2:
+            raise ValueError("VICReg's loss needs at least 2 images across ranks: the variance of one image is "
+                             "undefined (NaN)")
+        return (sim_weight * invariance + var_weight * (_variance(z1, eps) + _variance(z2, eps)) / 2
+                + cov_weight * (_covariance(z1) + _covariance(z2)))
 
 
 def _variance(z: torch.Tensor, eps: float) -> torch.Tensor:
