@@ -34,8 +34,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ema: Callable
                autocast_dtype: torch.dtype | None, fused: bool | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward and backward over the micro-batches (gradients accumulated; DDP syncs on the last), one
-    optimiser step, one EMA step. `phase`: "rela" or the method's name. Returns the step's (loss, probe loss, probe accuracy), averaged over its
-    images, on the device: nothing here waits for the GPU."""
+    optimiser step, one EMA step, then the method's `after_step`. `phase`: "rela" or the method's name.
+    Returns the step's (loss, probe loss, probe accuracy), averaged over its images, on the device: nothing
+    here waits for the GPU."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     last = len(micro_batches) - 1
@@ -55,5 +56,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ema: Callable
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ema(momentum)
+    learner = model.module if isinstance(model, DistributedDataParallel) else model
+    learner.method.after_step()  # once per step, whatever the micro-batches (DINO's centre)
     return step_loss, step_probe_loss, step_probe_accuracy
 

@@ -1,8 +1,10 @@
 """DINO (Caron et al. 2021): self-distillation with no labels. A student backbone + head and an EMA teacher
 backbone + head; the teacher's centred, sharpened softmax is the target of the student's softmax on the
 other view. Two global crops (multi-crop is not implemented). The centre is the method's own state: a
-buffer, so it is saved with the learner in every checkpoint. The loss is a fused Triton kernel on CUDA
-(rela.ops.dino_loss: memory-bound at K = 65,536, one pass over the logits forward and one backward)."""
+buffer, so it is saved with the learner in every checkpoint. It moves once per optimiser step (as the
+official code's, once per iteration), by the mean over all of the step's micro-batches under --grad-accum.
+The loss is a fused Triton kernel on CUDA (rela.ops.dino_loss: memory-bound at K = 65,536, one pass over the
+logits forward and one backward)."""
 from __future__ import annotations
 
 import torch
@@ -12,7 +14,7 @@ from torch import nn
 from rela.data.views import ViewSpec
 from rela.methods.base import SslMethod
 from rela.ops import dino_loss
-from rela.utils.distributed import all_reduce_mean_
+from rela.utils.distributed import all_reduce_sum_
 
 # Global crops as BYOL's views (DINO's DataAugmentationDINO: blur 1.0 / 0.1, solarize 0 / 0.2, jitter
 # (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2). Crop scale 0.14-1: main_dino.py's advice for two global
@@ -92,7 +94,10 @@ class Dino(SslMethod):
         self.student_temp, self.final_teacher_temp = student_temp, teacher_temp
         self.warmup_teacher_temp, self.warmup_teacher_epochs = warmup_teacher_temp, warmup_teacher_epochs
         self.center_momentum = center_momentum
-        self.teacher_temp = warmup_teacher_temp if warmup_teacher_epochs > 0 else teacher_temp
+        self.teacher_temp = teacher_temperature(0, warmup_teacher_temp, teacher_temp, warmup_teacher_epochs)
+        # This step's teacher logits summed over its micro-batches so far (this rank's), and their row count.
+        self._teacher_sum: torch.Tensor | None = None
+        self._teacher_rows = 0
 
     @classmethod
     def from_config(cls, backbone: nn.Module, cfg) -> "Dino":
@@ -103,13 +108,8 @@ class Dino(SslMethod):
                    head_layers=cfg.dino_head_layers, head_batch_norm=cfg.dino_head_bn)
 
     def schedule(self, step: int, steps_per_epoch: int) -> None:
-        """The teacher temperature's linear warm-up, by (fractional) epoch."""
-        epoch = step / max(steps_per_epoch, 1)
-        if epoch >= self.warmup_teacher_epochs:
-            self.teacher_temp = self.final_teacher_temp
-        else:
-            fraction = epoch / self.warmup_teacher_epochs
-            self.teacher_temp = self.warmup_teacher_temp + fraction * (self.final_teacher_temp - self.warmup_teacher_temp)
+        self.teacher_temp = teacher_temperature(step // max(steps_per_epoch, 1), self.warmup_teacher_temp,
+                                                self.final_teacher_temp, self.warmup_teacher_epochs)
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, *, fused: bool | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,15 +117,30 @@ class Dino(SslMethod):
         features = self.backbone(both)
         s1, s2 = self.head(features).chunk(2)
         t1, t2 = self.teacher_forward(both).chunk(2)
-        # The loss's backward reads the centre this forward used; the update below changes the buffer in place.
-        center = self.center.clone()
-        loss, teacher_mean = dino_loss(s1, s2, t1, t2, center, self.student_temp, self.teacher_temp, fused=fused)
-        if self.training:
-            self._update_center(teacher_mean)
+        loss, teacher_mean = dino_loss(s1, s2, t1, t2, self.center, self.student_temp, self.teacher_temp, fused=fused)
+        if self.training:  # the teacher's sum over this micro-batch, for the centre's update after the step
+            teacher_sum = teacher_mean.detach().to(self.center.dtype) * t1.shape[0] * 2
+            self._teacher_sum = teacher_sum if self._teacher_sum is None else self._teacher_sum + teacher_sum
+            self._teacher_rows += t1.shape[0] * 2
         return loss, features
 
     @torch.no_grad()
-    def _update_center(self, teacher_mean: torch.Tensor) -> None:
-        """centre <- m centre + (1 - m) mean of the teacher's logits over the global batch (every rank's)."""
-        mean = all_reduce_mean_(teacher_mean.detach().to(self.center.dtype).clone())
-        self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)
+    def after_step(self) -> None:
+        """centre <- m centre + (1 - m) mean of the teacher's logits over the step's images on every rank
+        (main_dino.py DINOLoss.update_center, once per iteration). One all-reduce of the sum and the count."""
+        if self._teacher_sum is None:  # no DINO forward in this step (the RELA phase)
+            return
+        total = all_reduce_sum_(torch.cat([self._teacher_sum, self._teacher_sum.new_tensor([self._teacher_rows])]))
+        self.center.mul_(self.center_momentum).add_(total[:-1] / total[-1], alpha=1 - self.center_momentum)
+        self._teacher_sum, self._teacher_rows = None, 0
+
+
+def teacher_temperature(epoch: int, warmup_temp: float, final_temp: float, warmup_epochs: float) -> float:
+    """main_dino.py's teacher temperature at `epoch`: np.linspace(warmup_temp, final_temp, warmup_epochs) over
+    the first warmup_epochs epochs, then final_temp; so the final value from epoch warmup_epochs - 1 on, and
+    a 1-epoch warm-up holds warmup_temp through epoch 0. A fractional warm-up interpolates between the whole
+    ones: linear in the epoch with slope 1 / (warmup_epochs - 1), clipped at the final value."""
+    if epoch >= warmup_epochs:
+        return final_temp
+    fraction = min(epoch / (warmup_epochs - 1), 1.0) if warmup_epochs > 1 else 0.0
+    return warmup_temp + fraction * (final_temp - warmup_temp)

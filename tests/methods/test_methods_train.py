@@ -107,15 +107,20 @@ def test_dino_centre_follows_the_teacher_mean_and_the_temperature_warms_up():
     x = batch()
     dino.train()
     dino(x.view1, x.view2, fused=False)
+    assert dino.center.abs().sum() == 0  # the centre moves once per optimiser step, after it
+    dino.after_step()
     with torch.no_grad():
         both = torch.cat([x.view1, x.view2])
         teacher_mean = dino.teacher_head(dino.teacher_backbone(both)).mean(0)
     torch.testing.assert_close(dino.center, 0.1 * teacher_mean, rtol=1e-5, atol=1e-7)
     assert "method.center" in learner.state_dict()  # saved with the learner in every checkpoint
+    # main_dino.py's schedule, per epoch: the digits preset's 2-epoch warm-up is linspace(0.04, 0.07, 2)
     dino.schedule(0, steps_per_epoch=10)
     assert dino.teacher_temp == pytest.approx(0.04)
-    dino.schedule(10, steps_per_epoch=10)  # half of the 2-epoch warm-up (the digits preset's)
-    assert dino.teacher_temp == pytest.approx(0.055)
+    dino.schedule(9, steps_per_epoch=10)
+    assert dino.teacher_temp == pytest.approx(0.04)
+    dino.schedule(10, steps_per_epoch=10)
+    assert dino.teacher_temp == pytest.approx(0.07)
     dino.schedule(100, steps_per_epoch=10)
     assert dino.teacher_temp == pytest.approx(0.07)
     dino.eval()
