@@ -120,23 +120,15 @@ def train(run: Run) -> bool:
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
                 if _monitor_due(run, epoch_over):
                     _monitor(run)
-                checkpointed = _checkpoint_due(run, epoch_over)
-                if checkpointed:
-                    guard.check(run.dist, run.run_dir)
-                    save_checkpoint(run)
-                if (signal_name := stop_due(run.dist, run.device, _log_step(run, epoch_over))) is not None:
-                    if not checkpointed:
-                        guard.check(run.dist, run.run_dir)
-                        save_checkpoint(run)
+                stop = _checkpoint_and_stop(run, epoch_over, guard)
+                if stop is not None:
                     run.checkpoints.wait()
-                    raise StopRequested(f"{signal_name} received: stopped after step {state.step} with a checkpoint; "
+                    if stop == _STOP_AFTER_STEPS:
+                        run.log.info(f"stopping after step {state.step} as asked (--stop-after-steps); "
+                                     "resume with --resume auto")
+                        return False
+                    raise StopRequested(f"{stop} received: stopped after step {state.step} with a checkpoint; "
                                         "resume with --resume auto")
-                if cfg.stop_after_steps is not None and state.step >= cfg.stop_after_steps and state.epoch < cfg.epochs:
-                    if not checkpointed:
-                        save_checkpoint(run)
-                    run.log.info(f"stopping after step {state.step} as asked (--stop-after-steps); "
-                                 "resume with --resume auto")
-                    return False
             if not epoch_over:  # the epoch's last batches held only skipped files
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
         guard.check(run.dist, run.run_dir)
@@ -207,6 +199,24 @@ def _optimizer_step(run: Run, micro_batches: list[TrainBatch], epoch_over: bool,
 def _log_step(run: Run, epoch_over: bool) -> bool:
     """Every --log-every steps and at each epoch's end: where the host reads the device's numbers."""
     return run.state.step % run.cfg.log_every == 0 or epoch_over
+
+
+_STOP_AFTER_STEPS = "--stop-after-steps"
+
+
+def _checkpoint_and_stop(run: Run, epoch_over: bool, guard: NonFiniteLossGuard) -> str | None:
+    """The step boundary's one decision: whether to stop here (a stop signal's name, or _STOP_AFTER_STEPS) and
+    whether to checkpoint (when due, and always before a stop). Every checkpoint comes after the non-finite
+    guard's check, so no weights that a NaN or inf loss produced are saved."""
+    cfg, state = run.cfg, run.state
+    stop = stop_due(run.dist, run.device, _log_step(run, epoch_over))
+    if stop is None and cfg.stop_after_steps is not None and state.step >= cfg.stop_after_steps \
+            and state.epoch < cfg.epochs:
+        stop = _STOP_AFTER_STEPS
+    if stop is not None or _checkpoint_due(run, epoch_over):
+        guard.check(run.dist, run.run_dir)
+        save_checkpoint(run)
+    return stop
 
 
 def _checkpoint_due(run: Run, epoch_over: bool) -> bool:

@@ -23,3 +23,15 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_finite_checkpoint(t
     saved = load_checkpoint(latest_checkpoint(out))
     assert all(torch.isfinite(t).all() for t in saved["learner"].values() if t.is_floating_point())
     assert not (out / "summary.json").exists()
+
+
+def test_stop_after_steps_does_not_checkpoint_non_finite_weights(tmp_path, uninterrupted, monkeypatch, capsys):
+    """--stop-after-steps 7: step 7 is neither a logging nor a checkpoint step, and its loss is the first NaN.
+    The stop's checkpoint comes after the guard's check like every other one."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("RELA_NAN_AT", "5")
+    assert main([*ARGS, "--bank-dir", str(uninterrupted.parent / "banks"), "--out", str(out),
+                 "--stop-after-steps", "7"]) == 1
+    err = capsys.readouterr().err
+    assert "rela.train: error: the loss is nan at step 7" in err, err[-3000:]
+    assert latest_checkpoint(out).name == "ckpt-000000004.pt"
