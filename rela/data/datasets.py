@@ -199,6 +199,29 @@ def _load_digits(split_seed: int, val_fraction: float) -> DatasetSplits:
                          10, mean, std, 32)
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """Reads a CIFAR python batch, which may come from anywhere: a pickle can name any function to call, and
+    plain pickle.load would call it. Only what the batches hold is let through: numpy's array reconstruction
+    and dtypes (numpy 1's and 2's module paths, every pickle protocol), the bytes of a protocol-2 pickle, and
+    plain builtin types; anything else is refused before it is looked up, so nothing of it runs."""
+
+    ALLOWED = {
+        *((module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+          for name in ("_reconstruct", "scalar")),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes in a protocol-2 pickle: _codecs.encode(text, "latin1")
+        *(("builtins", name) for name in ("bytes", "bytearray", "int", "float", "complex", "str", "list", "tuple",
+                                          "dict", "set", "frozenset", "bool")),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused: the file asks the unpickler for {module}.{name}, which could "
+                                         "run code (a CIFAR batch holds only numpy arrays, lists and numbers)")
+        return super().find_class(module, name)
+
+
 def _load_cifar(name: str, folder: Path, split_seed: int, val_fraction: float) -> DatasetSplits:
     # Accept the folder itself or its standard sub-folder (cifar-10-batches-py, cifar-100-python).
     for candidate in (folder, folder / "cifar-10-batches-py", folder / "cifar-100-python"):
@@ -219,9 +242,10 @@ def _load_cifar(name: str, folder: Path, split_seed: int, val_fraction: float) -
         for f in files:
             try:
                 with open(f, "rb") as fh:
-                    batch = pickle.load(fh, encoding="bytes")
+                    batch = CifarUnpickler(fh, encoding="bytes").load()
                 data, batch_labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
-            except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, IndexError) as err:
+            except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, IndexError,
+                    AttributeError, ImportError) as err:
                 raise RelaError(f"cannot read CIFAR batch {f}: {err or type(err).__name__}") from None
             # Checked, not reshaped blindly: (N, 32, 32, 3) or grey (3N, 1024) data would reshape without
             # complaint into the wrong images.

@@ -22,6 +22,7 @@ from rela.data.datasets import ArrayImages, CorruptImageError, FileImages
 from rela.data.interfaces import ImageSource, TrainBatch
 from rela.data.views import VIEW_MODES, Normalize, ViewSpec, augment_batch, resize_center_crop, view_pair
 from rela.errors import RelaError
+from rela.utils.signals import ignore_stop_signals
 
 
 def _pil_square(image: np.ndarray, size: int, crop_fraction: float | None) -> np.ndarray:
@@ -105,7 +106,7 @@ class TorchImageSource:
             return
         decoded = _DecodedFiles(self.dataset, size, None if mode == "train" else crop_fraction)
         loader = DataLoader(decoded, batch_sampler=[list(map(int, b)) for b in batches],
-                            num_workers=self.num_workers, collate_fn=_collate,
+                            num_workers=self.num_workers, collate_fn=_collate, worker_init_fn=ignore_stop_signals,
                             pin_memory=self.device.type == "cuda",
                             persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
         for images, index, errors in loader:

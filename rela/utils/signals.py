@@ -41,6 +41,15 @@ def _handle(signum, frame) -> None:
                             "resume with --resume auto")
 
 
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """A DataLoader worker's `worker_init_fn`: the worker ignores SIGTERM and SIGUSR1. SLURM and `timeout`
+    signal the whole process group; a worker that died of it would take the main process down (the
+    DataLoader raises on a dead worker) before it reached the step boundary where it checkpoints. The main
+    process stops the workers itself when it exits."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Installs the handlers for the block (main thread only; elsewhere signals keep their handlers)."""
