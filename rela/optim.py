@@ -11,7 +11,8 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratios (You et al. 2017), as BYOL trains ImageNet.
 
     Groups with `lars_exclude=True` (biases, norm layers) get neither weight decay nor adaptation.
-    A step is a handful of `torch._foreach_*` launches per group, whatever the number of parameters;
+    A step is a handful of `torch._foreach_*` launches per group, whatever the number of parameters, each
+    on CUDA's multi-tensor fast path (one list of one dtype and device, the lists' tensors of equal shapes);
     the trust ratios stay on the device (no host sync).
     """
 
@@ -31,25 +32,34 @@ class LARS(torch.optim.Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            if not group["lars_exclude"]:
+            buffers = self._momentum_buffers(params)
+            torch._foreach_mul_(buffers, group["momentum"])
+            if group["lars_exclude"]:
+                torch._foreach_add_(buffers, grads)
+            else:
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
                 param_norms = torch.stack(torch._foreach_norm(params))
                 grad_norms = torch.stack(torch._foreach_norm(grads))
                 trust = torch.where((param_norms > 0) & (grad_norms > 0),
                                     group["trust_coefficient"] * param_norms / grad_norms,
                                     torch.ones_like(param_norms))
-                torch._foreach_mul_(grads, trust.unbind())
-            states = [self.state[p] for p in params]
-            fresh = [i for i, state in enumerate(states) if "momentum_buffer" not in state]
-            kept = [i for i, state in enumerate(states) if "momentum_buffer" in state]
-            for i in fresh:
-                states[i]["momentum_buffer"] = torch.clone(grads[i]).detach()
-            if kept:
-                buffers = [states[i]["momentum_buffer"] for i in kept]
-                torch._foreach_mul_(buffers, group["momentum"])
-                torch._foreach_add_(buffers, [grads[i] for i in kept])
-            torch._foreach_add_(params, [state["momentum_buffer"] for state in states], alpha=-group["lr"])
+                # v <- m v + trust * g in one op. The trust ratios go in as a list of 0-d tensors: addcmul
+                # reads each from the device on CUDA's fast path (torch >= 2.11), where _foreach_mul_ with
+                # that list takes the slow path (the lists' shapes differ: one launch per parameter).
+                torch._foreach_addcmul_(buffers, trust.unbind(), grads)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
         return loss
+
+    def _momentum_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each parameter's momentum buffer, made as zeros before its first step: m * 0 + g is then g
+        exactly, SGD's first step, with no list of new and old parameters to split the step by."""
+        buffers = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buffers.append(state["momentum_buffer"])
+        return buffers
 
 
 def _is_excluded(name: str, param: nn.Parameter) -> bool:
