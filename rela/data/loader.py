@@ -65,6 +65,23 @@ def _collate(samples):
     return torch.stack(images), torch.tensor(indices, dtype=torch.int64), list(errors)
 
 
+class _PassBatches:
+    """A DataLoader's batch_sampler whose batches are those of the pass in progress. A DataLoader iterates
+    its batch_sampler in the main process at the start of every pass and sends the indices to its workers,
+    so persistent workers decode each pass's own batches (each epoch's own subset) without being started
+    again. `generation` counts the passes, so a pass can tell that a newer one took the workers over."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+        self.generation = 0
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`t` (on the CPU) on `device` without stalling the host: a copy from pageable memory waits for the
     stream, so on CUDA the tensor goes through pinned memory (torch's caching host allocator keeps the
@@ -88,6 +105,7 @@ class TorchImageSource:
         self.dataset, self.device = dataset, torch.device(device)
         self.num_workers, self.skip_corrupt = num_workers, skip_corrupt
         self.skipped: set[int] = set()
+        self._decoders: dict[tuple[int, float | None], tuple[DataLoader, _PassBatches]] = {}
         self._resident = None
         if isinstance(dataset, ArrayImages):
             self._resident = torch.from_numpy(dataset.images).permute(0, 3, 1, 2).contiguous().to(self.device)
@@ -104,12 +122,7 @@ class TorchImageSource:
                     images = (resize_center_crop(images, size, crop_fraction) * 255).round_().to(torch.uint8)
                 yield images, index
             return
-        decoded = _DecodedFiles(self.dataset, size, None if mode == "train" else crop_fraction)
-        loader = DataLoader(decoded, batch_sampler=[list(map(int, b)) for b in batches],
-                            num_workers=self.num_workers, collate_fn=_collate, worker_init_fn=ignore_stop_signals,
-                            pin_memory=self.device.type == "cuda",
-                            persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
-        for images, index, errors in loader:
+        for images, index, errors in self._decoded(batches, size, None if mode == "train" else crop_fraction):
             bad = [i for i, e in enumerate(errors) if e]
             if bad:
                 if not self.skip_corrupt:
@@ -122,6 +135,32 @@ class TorchImageSource:
                 if len(keep):
                     images, index = images[keep], index[keep]
             yield to_device_async(images, self.device), index
+
+    def _decoded(self, batches: Sequence[np.ndarray], size: int, crop_fraction: float | None):
+        """(uint8 images, indices, errors) per batch, decoded by DataLoader workers that are started once
+        per (size, crop) and kept (persistent_workers): an epoch or an evaluation pass starts no processes.
+        Two passes of one (size, crop) do not interleave: the newer takes the workers over, and the older
+        raises if resumed (the training epoch and the kNN monitor's pass in its middle use two)."""
+        key = (size, crop_fraction)
+        if key not in self._decoders:
+            plan = _PassBatches()
+            loader = DataLoader(_DecodedFiles(self.dataset, size, crop_fraction), batch_sampler=plan,
+                                num_workers=self.num_workers, collate_fn=_collate, worker_init_fn=ignore_stop_signals,
+                                pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0,
+                                prefetch_factor=4 if self.num_workers else None)
+            self._decoders[key] = loader, plan
+        loader, plan = self._decoders[key]
+        plan.batches = [list(map(int, b)) for b in batches]
+        plan.generation += 1
+        token = plan.generation
+        decoded = iter(loader)
+        while True:
+            if plan.generation != token:
+                raise RuntimeError("this pass over the images was superseded by a newer one of the same size")
+            batch = next(decoded, None)
+            if batch is None:
+                return
+            yield batch
 
     def load(self, indices: torch.Tensor, *, size: int, crop_fraction: float) -> torch.Tensor:
         """Eval-preprocessed uint8 images for arbitrary indices, decoded by a thread pool (PIL releases
