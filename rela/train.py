@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import os
 import sys
 import time
@@ -26,7 +27,7 @@ from rela.step import train_step
 from rela.summary import evaluate, write_summary
 from rela.utils import distributed as dist_utils
 from rela.utils.checkpoint import (atomic_write_json, latest_checkpoint, latest_intact_checkpoint, restore_checkpoint,
-                                   save_checkpoint)
+                                   save_checkpoint, write_errors_named)
 from rela.utils.faults import kill_point, poisoned_lr
 from rela.utils.locks import lock_run_folder
 from rela.utils.nonfinite import NonFiniteLossGuard
@@ -41,8 +42,12 @@ def run(cfg: Config) -> dict | None:
         # cuBLAS reads this when it makes its first handle, and torch's deterministic mode raises on a CUDA
         # matmul without it: set before any CUDA work (a value the user exported wins).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restarts > 0 and cfg.resume is None:  # a fresh start over the dead attempt's folder would lose its steps
+        raise RelaError(f"torchrun restarted this run (attempt {restarts + 1}, --max-restarts) but --resume is not "
+                        "set: pass --resume auto so a restarted attempt continues from the last checkpoint")
     device = pick_device(cfg.device)
-    dist = dist_utils.init_distributed(device.type)
+    dist = dist_utils.init_distributed(device.type, cfg.dist_timeout)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     if cfg.deterministic:
@@ -50,6 +55,7 @@ def run(cfg: Config) -> dict | None:
     configure_backends(device, cfg.deterministic)
     torch.manual_seed(cfg.seed)
     run_dir = _run_folder(cfg, dist)
+    dist_utils.check_shared_folder(run_dir, "--out", dist)  # checkpoints are read back by every rank
     lock = lock_run_folder(run_dir, dist)  # a second run on the same --out is refused, not interleaved
     log = RunLog(run_dir, dist.is_main, loggers=cfg.logger)
     r = None
@@ -62,8 +68,11 @@ def run(cfg: Config) -> dict | None:
             if dist.is_main:
                 log.trim_metrics(after_step=r.state.step)  # rows logged after the checkpoint are logged again
             log.info(f"resumed from {resume_from} at step {r.state.step} (epoch {r.state.epoch}, phase {r.state.phase})")
+        elif dist.is_main:
+            log.trim_metrics(after_step=-1)  # a fresh start: rows of an attempt killed before its first checkpoint go
         if dist.is_main:
-            atomic_write_json(config_to_dict(cfg), run_dir / "config.json")
+            with write_errors_named(run_dir / "config.json"):
+                atomic_write_json(config_to_dict(cfg), run_dir / "config.json")
         finished = train(r)
         if not finished:
             return None
@@ -301,18 +310,59 @@ class _Window:
 
 
 def _run_folder(cfg: Config, dist: dist_utils.DistInfo) -> Path:
-    """--out, or a new runs/DATASET-DATE-TIME (named by rank 0). A fresh run never writes into a folder that
-    holds another run's checkpoints: they would be pruned, and --resume auto would pick them up."""
+    """--out, or a new runs/DATASET-DATE-TIME (named by rank 0), created and checked writable. A fresh run
+    never writes into a folder that holds another run's checkpoints (they would be pruned, and --resume auto
+    would pick them up), nor into a folder of other files (config.json, summary.json and backbone.pt would
+    overwrite theirs), nor inside the data folder (its files would become part of the data)."""
     if cfg.out is not None:
         run_dir = Path(cfg.out)
     else:
         run_dir = Path(dist_utils.gather_objects(f"runs/{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}", dist)[0])
+    if cfg.data is not None and run_dir.resolve().is_relative_to(Path(cfg.data).resolve()):
+        raise RelaError(f"--out {run_dir} is inside the data folder {cfg.data}: the run's files would be read as "
+                        "data; pass an --out outside it")
     if cfg.resume is None and latest_checkpoint(run_dir) is not None:
         raise RelaError(f"{run_dir} already holds a run's checkpoints: --resume auto continues it; "
                         "pass another --out for a new run")
+    if cfg.resume is None and (foreign := _foreign_files(run_dir)):
+        raise RelaError(f"--out {run_dir} is not empty and is not a run folder of rela.train (it holds "
+                        f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): pass a new or empty folder")
+    problem = None
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".write-test-{os.getpid()}"
+            os.close(os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644))
+            os.unlink(probe)
+        except OSError as err:
+            problem = f"cannot write the run folder {run_dir}: {err.strerror or err} (errno {err.errno})"
+    problem = dist_utils.gather_objects(problem, dist)[0]  # every rank stops alike
+    if problem is not None:
+        raise RelaError(problem)
     return run_dir
+
+
+# What a run of this trainer leaves in its folder before config.json is written (the run lock, TensorBoard's
+# folder, a temporary file of an atomic write).
+_EARLY_RUN_FILES = (".lock", "tensorboard")
+
+
+def _foreign_files(run_dir: Path) -> list[str]:
+    """The names in `run_dir` that show it is not a run folder of rela.train; [] for a missing or empty folder
+    or a run's (its config.json holds this trainer's options)."""
+    if not run_dir.is_dir():
+        return []
+    names = sorted(p.name for p in run_dir.iterdir())
+    config = run_dir / "config.json"
+    if config.is_file():
+        try:
+            saved = json.loads(config.read_bytes())
+        except (OSError, ValueError):
+            saved = None
+        if isinstance(saved, dict) and {"dataset", "arch", "method", "seed", "prior"} <= saved.keys():
+            return []
+        return ["config.json (not a config of rela.train)", *[n for n in names if n != "config.json"]]
+    return [n for n in names if n not in _EARLY_RUN_FILES and ".tmp-" not in n]
 
 
 def _resume_path(cfg: Config, run_dir: Path, log: RunLog) -> Path | None:

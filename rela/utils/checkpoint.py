@@ -19,8 +19,9 @@ import re
 import time
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -56,6 +57,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+@contextmanager
+def write_errors_named(path: str | Path, after: str = "") -> Iterator[None]:
+    """A failed write in the block (a full or read-only disk: OSError) stops the run with one line naming
+    `path` and the error, and `after` (what is still intact, what to do)."""
+    try:
+        yield
+    except OSError as err:
+        raise RelaError(f"cannot write {path}: {err.strerror or err} (errno {err.errno})"
+                        + (f"; {after}" if after else "")) from None
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
@@ -126,12 +138,13 @@ def check_archive(path: Path) -> None:
         raise RelaError(f"{path} is damaged: its member {bad} fails its CRC-32 check (a corrupted byte)")
 
 
-def load_plain(path: Path) -> Any:
+def load_plain(path: Path, mmap: bool = False) -> Any:
     """torch.load of a file that may come from someone else: tensors and plain data (dict, list, tuple,
     str, numbers, None) only. A file that asks the unpickler for any other object (a crafted one can name
-    a function to call) raises RelaError before anything runs; the caller adds which file it was."""
+    a function to call) raises RelaError before anything runs; the caller adds which file it was.
+    mmap=True: the tensors are mapped from the file, not read into memory (a target bank of several GB)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         asked = re.search(r"GLOBAL ([\w.]+)", str(err))
         raise RelaError("refused: it holds Python objects other than tensors and plain data, and loading it "
@@ -234,8 +247,13 @@ def check_resumable(saved: dict, run: "Run", path: Path) -> None:
     added = {f.name: f.default for f in dataclasses.fields(run.cfg) if f.name not in before}
     before = {**added, **before}
     changed = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {now[k]!r}" for k in TRAJECTORY_OPTIONS
-               if before.get(k) != now[k]]
+               if _comparable(k, before.get(k)) != _comparable(k, now[k])]
     if saved.get("world_size", 1) != run.dist.world_size:
         changed.append(f"ranks {saved.get('world_size', 1)} -> {run.dist.world_size}")
     if changed:
         raise RelaError(f"cannot resume {path} with other settings: {'; '.join(changed)}")
+
+
+def _comparable(option: str, value: Any) -> Any:
+    """--data as the folder it names: `data/`, `./data` and `/abs/data` are one folder."""
+    return os.path.realpath(value) if option == "data" and isinstance(value, str) else value

@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rela.errors import RelaError
-from rela.utils.checkpoint import atomic_write_bytes
+from rela.utils.checkpoint import atomic_write_bytes, write_errors_named
 
 
 class Progress:
@@ -50,11 +50,26 @@ class RunLog:
             tqdm.write(f"[rela {time.time() - self.start:7.1f}s] {message}", file=sys.stderr)
 
     def trim_metrics(self, after_step: int) -> None:
-        """Drops rows past `after_step` (logged after the checkpoint a run resumes from), atomically."""
+        """Drops rows past `after_step` (logged after the checkpoint a run resumes from; -1: every row, for a
+        fresh start), atomically. A torn last row (a process killed mid-write) is dropped with a warning."""
         if self.metrics_path is None or not self.metrics_path.is_file():
             return
-        rows = self.metrics_path.read_text().splitlines()
-        kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= after_step]
+        rows = self.metrics_path.read_bytes().decode(errors="replace").splitlines()
+        kept = []
+        for number, row in enumerate(rows, 1):
+            if not row.strip():
+                continue
+            try:
+                record = json.loads(row)
+            except ValueError:
+                if number < len(rows):
+                    raise RelaError(f"{self.metrics_path}: line {number} is not a JSON row ({row[:80]!r}); "
+                                    "remove it to resume") from None
+                self.info(f"warning: {self.metrics_path}: its last line is torn (a process killed while writing "
+                          f"it): dropped ({row[:80]!r})")
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= after_step:
+                kept.append(row)
         if len(kept) != len(rows):
             atomic_write_bytes(self.metrics_path, "".join(r + "\n" for r in kept).encode())
         for sink in self.sinks:
@@ -62,7 +77,7 @@ class RunLog:
 
     def metrics(self, record: dict) -> None:
         if self.enabled and self.metrics_path is not None:
-            with open(self.metrics_path, "a") as fh:
+            with write_errors_named(self.metrics_path), open(self.metrics_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             for sink in self.sinks:
                 sink.write(record)
