@@ -151,6 +151,9 @@ class Config:
     out: str | None = opt(None, "run folder: config.json, metrics.jsonl, checkpoints, summary.json "
                                 "(default: runs/DATASET-DATE-TIME, a new one each run)")
     resume: str | None = opt(None, "'auto' to continue from the run folder's latest checkpoint, or a checkpoint path")
+    dist_timeout: float = opt(1800.0, "seconds a torchrun collective (NCCL, gloo) waits for the slowest rank before "
+                                      "failing (torch's NCCL default is 600: less than a rank may wait for a bank "
+                                      "that another run is building)", bounds='(0, inf)')
     device: str = opt("auto", "device", ("auto", "cpu", "cuda"))
     precision: str = opt("auto", "training precision (auto: bf16 autocast on CUDA, fp32 on CPU)", ("auto", "fp32", "bf16"))
     channels_last: bool | None = opt(None, "channels_last memory format (default: on for CUDA)")

@@ -1,11 +1,18 @@
 """torch.distributed set-up for torchrun (NCCL on CUDA, gloo on CPU) and the few collectives we use."""
 from __future__ import annotations
 
+import datetime
 import os
+import secrets
+import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from rela.errors import RelaError
 
 
 @dataclass(frozen=True)
@@ -23,8 +30,14 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Joins torchrun's process group when launched by it (WORLD_SIZE > 1); a no-op otherwise."""
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def init_distributed(device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
+    """Joins torchrun's process group when launched by it (WORLD_SIZE > 1); a no-op otherwise.
+
+    timeout_s: how long a collective waits for the slowest rank before failing (--dist-timeout). torch's NCCL
+    default is 600 s, shorter than a rank may wait for a bank that another run is building."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
@@ -36,11 +49,12 @@ def init_distributed(device_type: str) -> DistInfo:
         # dead group's addresses (gloo: "connectFullMesh failed ... Connection refused"). A prefix per attempt.
         store, _, _ = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"rela/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        timeout = datetime.timedelta(seconds=timeout_s)
         if device_type == "cuda":  # bound to this rank's GPU: NCCL makes its communicators eagerly
             dist.init_process_group(backend="nccl", store=store, rank=rank, world_size=world_size,
-                                    device_id=torch.device("cuda", local_rank))
+                                    device_id=torch.device("cuda", local_rank), timeout=timeout)
         else:
-            dist.init_process_group(backend="gloo", store=store, rank=rank, world_size=world_size)
+            dist.init_process_group(backend="gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
     return DistInfo(rank, world_size, local_rank)
 
 
@@ -81,6 +95,53 @@ def gather_objects(obj, info: DistInfo) -> list:
     gathered = [None] * info.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    """Rank src's `obj` (picklable) on every rank; `obj` itself without a process group."""
+    if not info.enabled:
+        return obj
+    box = [obj if info.rank == src else None]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def check_shared_folder(folder: Path, what: str, info: DistInfo, wait_s: float = 10.0) -> None:
+    """RelaError on every rank unless `folder` is one folder for every rank: rank 0 writes a probe file in it
+    and every rank must read it back (for up to `wait_s`: NFS caches a folder's listing for a few seconds).
+    A folder local to each node would let the nodes write and read different files (checkpoints, the bank)."""
+    if not info.enabled:
+        return
+    folder = Path(folder)
+    token, probe = secrets.token_hex(8), None
+    error = None
+    if info.is_main:
+        probe = folder / f".shared-probe.tmp-{token}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_text(token)
+        except OSError as err:
+            error = f"cannot write {probe}: {err.strerror or err}"
+    token, error = broadcast_object((token, error), info)
+    if not info.is_main:
+        probe, deadline = folder / f".shared-probe.tmp-{token}", time.monotonic() + wait_s
+        while error is None:
+            try:
+                if probe.read_text() == token:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                error = (f"{what} {folder} is not shared by every node: rank {info.rank} on {socket.gethostname()} "
+                         f"does not see the probe file rank 0 wrote there; put it on storage every node mounts")
+            else:
+                time.sleep(0.2)
+    errors = gather_objects(error, info)
+    if info.is_main and probe is not None:
+        probe.unlink(missing_ok=True)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise RelaError(first)
 
 
 def broadcast_flag(flag: bool, device: torch.device, src: int = 0) -> bool:

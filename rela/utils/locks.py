@@ -1,23 +1,41 @@
 """Advisory file locks (fcntl.flock) that keep two processes from writing the same run folder or building
 the same target bank at once. The kernel drops a lock when its holder dies, however it dies (SIGKILL
 included), so a lock never outlives its run; a lock released normally also removes its file (a killed
-holder's file stays, unlocked, and is taken over by the next run)."""
+holder's file stays, unlocked, and is taken over by the next run).
+
+A mount without locks (NFS mounted with nolock, some FUSE and Lustre set-ups) refuses flock with ENOLCK,
+ENOSYS or EOPNOTSUPP: the lock then warns once, naming the path, and lets its holder go on unlocked (a
+traceback before training would stop every run on such a mount, while an unlocked one only loses the guard
+against a second run on the same folder)."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import sys
 from pathlib import Path
+from typing import Callable
 
 from rela.errors import RelaError
 from rela.utils import distributed as dist_utils
 
 
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def _warn_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 class FileLock:
     """An exclusive flock on `path` (created if missing), which records the holder's pid for messages.
-    Works on local file systems and on NFS v4 (flock is emulated with POSIX locks there)."""
+    Works on local file systems and on NFS v4 (flock is emulated with POSIX locks there). Where the mount has
+    no locks, `warn(message)` is called and every acquire succeeds unlocked (`unlocked` is then True)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, warn: Callable[[str], None] = _warn_to_stderr):
         self.path = Path(path)
+        self.warn = warn
+        self.unlocked = False
         self._fd: int | None = None
 
     def try_acquire(self) -> bool:
@@ -38,7 +56,8 @@ class FileLock:
         that was removed while it waited, so two holders can never lock two different files)."""
         if self._fd is not None:
             self.path.unlink(missing_ok=True)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if not self.unlocked:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
 
@@ -51,6 +70,15 @@ class FileLock:
             except BlockingIOError:
                 os.close(fd)
                 return False
+            except OSError as err:
+                if err.errno not in NO_LOCKS:
+                    os.close(fd)
+                    raise
+                self.warn(f"warning: cannot lock {self.path}: {err.strerror} (errno {err.errno}; the mount has no "
+                          "file locks): going on without the lock, so nothing stops a second run from using "
+                          f"{self.path.parent} at the same time")
+                self.unlocked = True
+                break
             except BaseException:
                 os.close(fd)
                 raise
