@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
+from .casts import cast_rne
 
 BLOCK = 4096
 # Flat parameter buffers are padded to a multiple of this many elements: every block is full, and the
@@ -31,8 +32,9 @@ def ema_kernel(
     t = tl.load(target_ptr + offs, mask=mask).to(ACC)
     o = tl.load(online_ptr + offs, mask=mask).to(ACC)
     if MOMENTUM_FROM_PTR:
-        # 1 - m in m's dtype, then rounded, as torch computes `1 - momentum` before the lerp.
-        w = (1.0 - tl.load(momentum_ptr)).to(ACC)
+        # 1 - m in m's dtype, then rounded to the parameters' dtype: torch computes `1 - momentum` before the
+        # lerp, and _foreach_lerp_ casts a tensor weight to the parameters' dtype (bf16: 0.01 -> 0.01001).
+        w = cast_rne(1.0 - tl.load(momentum_ptr), target_ptr.dtype.element_ty).to(ACC)
     else:
         w = tl.cast(weight, ACC)
     small = tl.abs(w) < 0.5
@@ -43,7 +45,8 @@ def ema_kernel(
         new = (coeff.to(tl.float64) * diff.to(tl.float64) + base.to(tl.float64)).to(ACC)
     else:
         new = tl.fma(coeff + tl.full([BLOCK], 0, ACC), diff, base)
-    tl.store(target_ptr + offs, new.to(target_ptr.dtype.element_ty), mask=mask)
+    # Rounded to nearest even as torch rounds, also in the interpreter (which truncates bf16 by itself).
+    tl.store(target_ptr + offs, cast_rne(new, target_ptr.dtype.element_ty), mask=mask)
 
 
 def _direct(kernel):

@@ -227,6 +227,22 @@ def test_float64_parameters(launches):
         torch.testing.assert_close(got, expected, rtol=1e-15, atol=1e-15)
 
 
+@pytest.mark.parametrize("momentum_kind", ["float", "float_low", "tensor"])
+def test_bf16_parameters_match_foreach_lerp_to_the_bit(momentum_kind, launches):
+    """The kernel lerps in float32 and rounds to bf16 to nearest even, as torch does (a truncating store
+    differs in about half the elements)."""
+    target, online = (m.to(torch.bfloat16) for m in ema_pair())
+    expected_target = copy.deepcopy(target)
+    momentum = MOMENTA[momentum_kind]
+    momentum = momentum() if callable(momentum) else momentum
+    pair = prepare_ema_(target, online, fused=True)
+    for _ in range(3):
+        pair.update(momentum)
+        ema_update_reference_(expected_target, online, momentum)
+    assert launches == ["ema_kernel"] * 3
+    assert_same_state(target, state(expected_target))
+
+
 def test_buffers_get_one_flat_buffer_per_dtype():
     """BN's float32 statistics share one storage and its int64 counters another: no storage holds two dtypes."""
     net = small_net(3)
