@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.timing import environment, print_table, time_fn, write_json  # noqa: E402
 from rela.ops import (byol_loss, byol_loss_reference, dino_loss, dino_loss_reference,  # noqa: E402
                       ema_update_reference_, prepare_ema_, rela_loss, rela_loss_reference)
+from rela.ops._dispatch import kernels_unavailable_reason  # noqa: E402
 
 WIDTH = 256
 BATCHES = (256, 1024, 4096)
@@ -198,6 +199,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the JSON")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES),
+                        help=f"BYOL/RELA loss batch sizes (default {' '.join(map(str, BATCHES))}; each one and dtype "
+                             f"costs a torch.compile of the reference)")
     parser.add_argument("--cpu-threads", type=int, default=1,
                         help="torch threads on the CPU (default 1: OpenMP barriers on a busy machine add "
                              "whole scheduler slices to a timing)")
@@ -214,12 +218,15 @@ def main(argv=None) -> dict:
     if args.quick:
         timing = {"warmup": 5, "repeats": 30} if on_gpu else {"warmup": 1, "repeats": 5}
     dtypes = (torch.float32, torch.bfloat16) if on_gpu else (torch.float32,)
-    fused_ok = on_gpu
+    unavailable = kernels_unavailable_reason()
+    fused_ok = on_gpu and unavailable is None
     rows, notes = [], []
-    if not fused_ok:
+    if not on_gpu:
         notes.append("fused kernels not timed: they need a GPU (on the CPU only Triton's interpreter runs them)")
+    elif unavailable:
+        notes.append(f"fused kernels not timed: {unavailable}")
 
-    bench_losses(device, dtypes, BATCHES, timing, fused_ok, rows, notes)
+    bench_losses(device, dtypes, args.batches, timing, fused_ok, rows, notes)
     # --quick: DINO's own shape only (each shape and dtype costs a torch.compile of the reference).
     dino_shapes = DINO_SHAPES[device.type][:1] if args.quick else DINO_SHAPES[device.type]
     bench_dino(device, dtypes, dino_shapes, timing, fused_ok, rows, notes)

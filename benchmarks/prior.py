@@ -8,7 +8,10 @@ Three numbers from one run on the same generated images (random uint8, no files)
 
     python benchmarks/prior.py [--out DIR] [--quick] [--device cuda]
 
-CPU --quick: resnet18 at 64 px. CUDA: resnet50 at 224 px, bf16 autocast, channels_last. Reports, never asserts.
+CPU --quick: resnet18 at 64 px. CUDA: resnet50 at 224 px. Like with like: all three run the same encode, the
+target bank's own (rela.prior.target_bank.prior_encoder at the bank's precision on this device: bf16 autocast on
+channels_last on CUDA, fp32 NCHW elsewhere) on the same float32 images; the JSON's config says which, and each
+result row repeats it. Reports, never asserts.
 """
 from __future__ import annotations
 
@@ -26,38 +29,33 @@ if __package__ in (None, ""):
 
 from benchmarks.timing import environment, print_table, time_fn, write_json  # noqa: E402
 from rela.prior.raw_features import build_raw_features  # noqa: E402
+from rela.prior.target_bank import prior_encoder, prior_precision  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def make_prior(arch: str, device: torch.device, bf16: bool):
-    """A torchvision ResNet (random weights: speed does not depend on them) without its classifier."""
+def make_prior(arch: str, device: torch.device, precision: str):
+    """A torchvision ResNet (random weights: speed does not depend on them) without its classifier, run as the
+    target bank runs its prior at `precision` (prior_encoder: "bf16" is autocast on channels_last)."""
     model = getattr(torchvision.models, arch)(weights=None)
     model.fc = torch.nn.Identity()
     model = model.eval().to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return model(images)
-
-    return encode, model.inplanes  # inplanes: the width of the last stage, the feature dimension
+    return prior_encoder(model, precision), model.inplanes  # inplanes: the last stage's width, the feature dim
 
 
 def make_loader(resolution: int, pool_size: int, device: torch.device):
-    """Indices -> normalised images on `device`, drawn from a pool of random uint8 images kept there."""
+    """Indices -> normalised float32 NCHW images on `device` (the encode puts them in its own layout), drawn
+    from a pool of random uint8 images kept there."""
     generator = torch.Generator().manual_seed(0)
     pool = torch.randint(0, 256, (pool_size, 3, resolution, resolution), dtype=torch.uint8, generator=generator)
     pool = pool.to(device)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
     def load_batch(indices: torch.Tensor) -> torch.Tensor:
         images = pool[(indices % pool_size).to(device, non_blocking=True)]
-        return ((images.float() - mean) / std).contiguous(memory_format=memory_format)
+        return (images.float() - mean) / std
 
     return load_batch
 
@@ -88,7 +86,7 @@ def interleaved(methods: dict, rounds: int, device: torch.device) -> dict[str, d
     return summary
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--quick", action="store_true", help="small run (CPU: under two minutes)")
@@ -100,7 +98,7 @@ def main() -> None:
     parser.add_argument("--storage-dtype", choices=["float32", "float16"], default="float32")
     parser.add_argument("--repeats", type=int, help="rounds; each times every method once (the forward 5 times)")
     parser.add_argument("--bank-dir", type=Path, help="where the benchmark's banks go (default: a temporary folder)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -109,14 +107,17 @@ def main() -> None:
     batch_size = args.batch_size or (256 if cuda else 32)
     rows = args.rows or (batch_size * (8 if args.quick else 32) if cuda else (256 if args.quick else 1024))
     repeats = args.repeats or (5 if args.quick else 7)
-    bf16 = cuda
+    precision = prior_precision(device)  # the target bank's on this device
     torch.backends.cudnn.benchmark = True
 
-    encode, feature_dim = make_prior(arch, device, bf16)
+    encode, feature_dim = make_prior(arch, device, precision)
     load_batch = make_loader(resolution, pool_size=min(rows, 512), device=device)
+    # Every method below runs this one encode: the same dtype and memory format on every side.
+    run_as = {"precision": precision, "bf16_autocast": precision == "bf16", "channels_last": precision == "bf16",
+              "input_dtype": "float32", "as_target_bank": True}
     config = {"arch": arch, "resolution": resolution, "rows": rows, "batch_size": batch_size,
-              "feature_dim": feature_dim, "bf16_autocast": bf16, "channels_last": cuda,
-              "storage_dtype": args.storage_dtype, "repeats": repeats, "quick": args.quick}
+              "feature_dim": feature_dim, **run_as, "storage_dtype": args.storage_dtype, "repeats": repeats,
+              "quick": args.quick}
     print(f"prior benchmark: {arch} at {resolution} px, {rows} rows of {feature_dim}, batch {batch_size}, "
           f"on {device}")
 
@@ -143,7 +144,8 @@ def main() -> None:
     per_call = {"prior forward": batch_size, "rela._C bank": rows, "naive loop": rows}
     results = []
     for method, timing in samples.items():
-        results.append({"method": method, **timing, "images_per_s": per_call[method] / timing["median_ms"] * 1e3})
+        results.append({"method": method, **timing, "images_per_s": per_call[method] / timing["median_ms"] * 1e3,
+                        "precision": precision, "channels_last": run_as["channels_last"]})
     results[1]["writer_rows_per_s"] = last["raw"].rows_per_s
     ceiling = results[0]["images_per_s"]
     for row in results:

@@ -10,6 +10,11 @@
    the networks rela.run.build_networks builds for the trainer (no DDP), on synthetic batches resident on
    the device: a BYOL step, a RELA-phase step (no target-network forward), each with the fused ops on and off, next to a plain
    supervised step (cross-entropy, SGD) of the same backbone on the same batch and the prior's forward.
+   Like with like: the supervised step runs with the trainer's autocast and memory format, its backbone
+   compiled as theirs (--compile, same backend); the prior's forward runs as the target bank runs it (bf16
+   autocast on channels_last on CUDA); each row says what it ran with, read off its networks, and
+   step.like_for_like whether the compared rows agree. --steps-only: this part alone, on the imagenet
+   preset's ResNet-50 networks (what benchmarks/gpu_first_contact.sh times).
    Interleaved rounds (every method once per round), the median; CUDA events on a GPU. On the CPU the
    fused path would be Triton's interpreter, which is not timed. The loader's own images/s on the dataset
    (TorchTrainLoader; DALI too where installed and on a GPU) says whether the step or the loader bounds.
@@ -43,7 +48,6 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -71,7 +75,8 @@ from rela.data.loader import TrainBatch  # noqa: E402
 from rela.errors import RelaError  # noqa: E402
 from rela.models.backbones import build_backbone  # noqa: E402
 from rela.prior.specs import load_prior  # noqa: E402
-from rela.prior.target_bank import TargetBank  # noqa: E402
+from rela.ops._dispatch import kernels_unavailable_reason  # noqa: E402
+from rela.prior.target_bank import TargetBank, prior_encoder, prior_precision  # noqa: E402
 from rela.run import build_networks, build_run, build_target_bank, center_crop_fraction, peak_learning_rate  # noqa: E402
 from rela.step import train_step  # noqa: E402
 from rela.train import evaluate_untrained, run  # noqa: E402
@@ -101,12 +106,38 @@ class StepSetup:
     weight_decay: float
     base_momentum: float
     num_classes: int
+    compile: bool = False  # torch.compile the backbones in place, as the trainer does (rela.run.build_networks)
+    compile_backend: str = "inductor"
 
 
 def setup_from_config(label: str, cfg: Config, precision: str, device: torch.device, num_classes: int) -> StepSetup:
+    # The trainer's rule (rela.run.build_networks): --compile auto compiles on CUDA.
+    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     return StepSetup(label, cfg.arch, cfg.batch_size, cfg.image_size, precision, device.type == "cuda",
                      cfg.proj_hidden, cfg.proj_dim, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.base_momentum,
-                     num_classes)
+                     num_classes, compiled, cfg.compile_backend)
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether Module.compile() was called on `module` (it keeps the compiled call in _compiled_call_impl)."""
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def is_channels_last(module: nn.Module) -> bool:
+    """Whether the module's convolution weights are in channels_last (the first 4-D parameter's layout)."""
+    weight = next((p for p in module.parameters() if p.dim() == 4), None)
+    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def observed_settings(backbones: list[nn.Module], autocast_dtype: torch.dtype | None, inputs: torch.Tensor,
+                      backend: str) -> dict:
+    """What a timed step really runs with, read off its networks and batch, not off the setup that asked."""
+    compiled = all(is_compiled(b) for b in backbones)
+    return {"precision": {None: "fp32", torch.bfloat16: "bf16"}[autocast_dtype],
+            "channels_last": all(is_channels_last(b) for b in backbones),
+            "input_dtype": str(inputs.dtype).removeprefix("torch."),
+            "input_channels_last": inputs.dim() == 4 and inputs.is_contiguous(memory_format=torch.channels_last),
+            "compiled": compiled, "compile_backend": backend if compiled else None}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,7 +152,8 @@ class TrainerStep:
                  preset: str | None = None):
         given = {"arch": setup.arch, "batch_size": setup.batch_size, "image_size": setup.image_size,
                  "optimizer": setup.optimizer, "lr": setup.lr, "weight_decay": setup.weight_decay, "seed": seed,
-                 "method": method}
+                 "method": method, "compile": "on" if setup.compile else "off",
+                 "compile_backend": setup.compile_backend}
         if method == "byol":  # the setup's heads; another method's come from its own defaults for the preset
             given.update(proj_hidden=setup.proj_hidden, proj_dim=setup.proj_dim, base_momentum=setup.base_momentum)
         cfg = resolve_config({**given, **({"preset": preset} if preset else {})})
@@ -135,6 +167,8 @@ class TrainerStep:
         rows = 4 * setup.batch_size
         self.bank = TargetBank(torch.randn(rows, backbone.feature_dim, device=device), {}, 0.0, reused=False)
         self.batch = synthetic_batch(setup, device, rows)
+        self.settings = observed_settings(list(self.learner.method.backbones()), self.autocast_dtype,
+                                          self.batch.view1, setup.compile_backend)
 
     def __call__(self, phase: str) -> None:
         train_step(self.learner, self.optimizer, self.ema, [self.batch], phase=phase,
@@ -143,16 +177,21 @@ class TrainerStep:
 
 
 class SupervisedStep:
-    """The baseline a BYOL step is compared with: backbone + linear classifier, cross-entropy, SGD."""
+    """The baseline a BYOL step is compared with: backbone + linear classifier, cross-entropy, SGD. It runs as
+    the trainer's steps do: same autocast, same memory format, the backbone compiled in place (same backend)
+    when theirs is."""
 
     def __init__(self, setup: StepSetup, device: torch.device, batch: TrainBatch):
         memory_format = torch.channels_last if setup.channels_last else torch.preserve_format
         backbone = build_backbone(setup.arch, seed=0)
         self.model = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, setup.num_classes))
         self.model = self.model.to(device, memory_format=memory_format)
+        if setup.compile:  # as rela.run.build_networks compiles the SSL backbones: in place, after the move
+            backbone.compile(backend=setup.compile_backend)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
         self.autocast_dtype = torch.bfloat16 if setup.precision == "bf16" else None
         self.images, self.labels = batch.view1, batch.label
+        self.settings = observed_settings([backbone], self.autocast_dtype, self.images, setup.compile_backend)
 
     def __call__(self) -> None:
         device_type, dtype = self.images.device.type, self.autocast_dtype
@@ -164,17 +203,23 @@ class SupervisedStep:
 
 
 class PriorForward:
-    """The prior's forward as the target bank runs it (a random-init copy of the arch, eval, no grad, fp32)."""
+    """The prior's forward as the target bank runs it (a random-init copy of the arch, eval, no grad): through
+    the bank's own rela.prior.target_bank.prior_encoder at the bank's precision on this device (bf16 autocast
+    on channels_last on CUDA, fp32 elsewhere), on float32 NCHW images as the bank's loader hands them over."""
 
     def __init__(self, setup: StepSetup, device: torch.device, batch: TrainBatch):
         prior = load_prior("rand", arch=setup.arch, image_size=setup.image_size, seed=1, prior_size=None,
                            data_mean=(0.5,) * 3, data_std=(0.25,) * 3)
-        self.encoder = prior.encoder.to(device)
+        encoder = prior.encoder.to(device)
+        self.precision = prior_precision(device)
+        self.encode = prior_encoder(encoder, self.precision)
         self.images = batch.view1.float().contiguous()
+        self.settings = observed_settings([encoder], torch.bfloat16 if self.precision == "bf16" else None,
+                                          self.images, "")
 
     def __call__(self) -> None:
         with torch.no_grad():
-            self.encoder(self.images)
+            self.encode(self.images)
 
 
 def synthetic_batch(setup: StepSetup, device: torch.device, rows: int) -> TrainBatch:
@@ -194,9 +239,8 @@ def synthetic_batch(setup: StepSetup, device: torch.device, rows: int) -> TrainB
 def fused_skip_reason(device: torch.device) -> str | None:
     if device.type != "cuda":
         return "not timed: on the CPU the fused path is Triton's interpreter"
-    if importlib.util.find_spec("triton") is None:
-        return "not timed: Triton is not installed"
-    return None
+    unavailable = kernels_unavailable_reason()
+    return None if unavailable is None else f"not timed: {unavailable}"
 
 
 def time_steps(setup: StepSetup, device: torch.device, *, warmup: int, rounds: int, repeats: int) -> list[dict]:
@@ -205,18 +249,20 @@ def time_steps(setup: StepSetup, device: torch.device, *, warmup: int, rounds: i
     fused_modes = [False] if skip else [False, True]
     learners = {fused: TrainerStep(setup, device, fused) for fused in fused_modes}
     batch = learners[False].batch
-    methods = {("supervised", None): SupervisedStep(setup, device, batch)}
+    supervised, prior = SupervisedStep(setup, device, batch), PriorForward(setup, device, batch)
+    methods, settings = {("supervised", None): supervised}, {("supervised", None): supervised.settings}
     for fused, learner in learners.items():
         for phase in ("byol", "rela"):
             methods[(phase, fused)] = lambda learner=learner, phase=phase: learner(phase)
-    methods[("prior forward", None)] = PriorForward(setup, device, batch)
+            settings[(phase, fused)] = learner.settings
+    methods[("prior forward", None)], settings[("prior forward", None)] = prior, prior.settings
     for fn in methods.values():  # interleaved() warms each up once more
         for _ in range(max(warmup - 1, 0)):
             fn()
     timings = interleaved({key: (fn, repeats) for key, fn in methods.items()}, rounds=rounds, device=device)
     rows = []
     for (step, fused), timing in timings.items():
-        rows.append(step_row(setup, step, fused, timing))
+        rows.append(step_row(setup, step, fused, timing, settings=settings[(step, fused)]))
         if step == "rela" and fused is False and skip:
             rows.append(step_row(setup, "byol", True, None, skip))
             rows.append(step_row(setup, "rela", True, None, skip))
@@ -251,11 +297,16 @@ def time_method_steps(setup: StepSetup, cfg: Config, device: torch.device, metho
     return rows
 
 
-def step_row(setup: StepSetup, step: str, fused: bool | None, timing: dict | None, note: str = "") -> dict:
+def step_row(setup: StepSetup, step: str, fused: bool | None, timing: dict | None, note: str = "",
+             settings: dict | None = None) -> dict:
+    """settings: what the timed step ran with (observed_settings); a step not timed names the setup's."""
+    if settings is None:
+        settings = {"precision": setup.precision, "channels_last": setup.channels_last, "input_dtype": None,
+                    "input_channels_last": None, "compiled": setup.compile,
+                    "compile_backend": setup.compile_backend if setup.compile else None}
     row = {"setup": setup.label, "step": step, "fused": {None: "-", False: "off", True: "on"}[fused],
-           "arch": setup.arch, "batch": setup.batch_size, "size": setup.image_size, "precision": setup.precision,
-           "channels_last": setup.channels_last, "images_per_s": None, "median_ms": None, "p10_ms": None,
-           "p90_ms": None, "rounds": None, "note": note}
+           "arch": setup.arch, "batch": setup.batch_size, "size": setup.image_size, **settings,
+           "images_per_s": None, "median_ms": None, "p10_ms": None, "p90_ms": None, "rounds": None, "note": note}
     if timing is not None:
         row.update(images_per_s=setup.batch_size / timing["median_ms"] * 1e3, median_ms=timing["median_ms"],
                    p10_ms=timing["p10_ms"], p90_ms=timing["p90_ms"], rounds=timing["repeats"])
@@ -275,6 +326,32 @@ def step_ratios(rows: list[dict]) -> list[dict]:
             out.append({"setup": setup, "fused": fused, "byol_images_per_s": byol, "rela_images_per_s": rela,
                         "supervised_images_per_s": supervised, "rela_over_byol": rela / byol,
                         "byol_over_supervised": byol / supervised, "byol_over_supervised_at_parity": BYOL_PARITY})
+    return out
+
+
+TRAIN_STEP_SETTINGS = ("precision", "channels_last", "input_dtype", "input_channels_last", "compiled", "compile_backend")
+PRIOR_SETTINGS = ("precision", "channels_last")
+
+
+def like_for_like(rows: list[dict], device: torch.device) -> list[dict]:
+    """Per setup, what each comparison ran with: the supervised, BYOL and RELA steps (their ratios compare
+    them) must share precision, memory format, input and compilation; the prior's forward (the projection's
+    bank rate) must run as the target bank does on this device. `same` says whether they did."""
+    out = []
+    bank = {"precision": prior_precision(device), "channels_last": prior_precision(device) == "bf16"}
+    for setup in dict.fromkeys(r["setup"] for r in rows):
+        timed = [r for r in rows if r["setup"] == setup and r["images_per_s"] is not None]
+        train = [r for r in timed if r["step"] in ("supervised", "byol", "rela")]
+        train_settings = {tuple(r[k] for k in TRAIN_STEP_SETTINGS) for r in train}
+        prior = next((r for r in timed if r["step"] == "prior forward"), None)
+        out.append({"setup": setup,
+                    "train_steps": {"steps": sorted({f"{r['step']} (fused {r['fused']})" for r in train}),
+                                    "same": len(train_settings) == 1,
+                                    "settings": dict(zip(TRAIN_STEP_SETTINGS, *train_settings))
+                                    if len(train_settings) == 1 else None},
+                    "prior_forward": {"settings": None if prior is None else {k: prior[k] for k in PRIOR_SETTINGS},
+                                      "target_bank": bank,
+                                      "same": prior is not None and all(prior[k] == bank[k] for k in PRIOR_SETTINGS)}})
     return out
 
 
@@ -340,7 +417,8 @@ def build_fresh_bank(cfg: Config, device: torch.device, bank_dir: Path) -> dict:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     assert not bank.reused, "a fresh bank folder must not hold a bank"
-    return {"seconds": seconds, "images": len(splits.train), "dim": bank.dim, "prior_input_size": bank.key["input_size"]}
+    return {"seconds": seconds, "images": len(splits.train), "dim": bank.dim, "prior_input_size": bank.key["input_size"],
+            "precision": bank.key["precision"]}
 
 
 def time_bank(cfg: Config, device: torch.device, repeats: int) -> dict:
@@ -350,7 +428,9 @@ def time_bank(cfg: Config, device: torch.device, repeats: int) -> dict:
             builds.append(build_fresh_bank(cfg, device, Path(bank_dir)))
     seconds = statistics.median(b["seconds"] for b in builds)
     images = builds[0]["images"]
+    # The prior's precision is part of the bank's key; bf16 runs on channels_last (prior_encoder).
     return {"prior": cfg.prior, "arch": cfg.arch, "prior_input_size": builds[0]["prior_input_size"],
+            "precision": builds[0]["precision"], "channels_last": builds[0]["precision"] == "bf16",
             "images": images, "dim": builds[0]["dim"], "builds": len(builds),
             "seconds_per_build": [b["seconds"] for b in builds], "seconds": seconds,
             "seconds_per_1000_images": seconds / images * 1000, "images_per_s": images / seconds}
@@ -733,6 +813,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=None, help="default: the dataset preset's")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="default: bf16 autocast (+ channels_last) on CUDA, fp32 on the CPU")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default=None,
+                        help="torch.compile the backbones, of every timed step and run alike (rela.train --compile; "
+                             "default: the trainer's, auto: on for CUDA)")
+    parser.add_argument("--compile-backend", default=None, help="rela.train --compile-backend (default: inductor)")
+    parser.add_argument("--steps-only", action="store_true",
+                        help="only the step throughput of one setup: the imagenet preset's networks (ResNet-50, its "
+                             "heads and optimiser; --arch, --image-size, --batch-size change them), synthetic "
+                             "batches, no dataset, loader, bank, end-to-end runs, methods or projection")
     parser.add_argument("--prior", default="rand", help="RELA's prior (rela.train --prior)")
     parser.add_argument("--method", choices=METHOD_NAMES, default="byol",
                         help="the SSL method of every end-to-end run: alone at 100%% and at the reduced budgets, and "
@@ -775,6 +863,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="parts not to run")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
+    if args.steps_only:
+        args.skip = ["loader", "bank", "e2e", "projection"]
+        args.methods = []
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     args.precision = args.precision or ("bf16" if cuda else "fp32")
@@ -797,16 +888,18 @@ def plan_setups(args: argparse.Namespace, cfg: Config, num_classes: int, device:
     setups = [setup_from_config(cfg.dataset, cfg, args.precision, device, num_classes)]
     precision = "bf16" if device.type == "cuda" else "fp32"
     projection = {"image_size": args.projection_image_size, "batch_size": args.projection_batch_size}
+    compiled = {"compile": cfg.compile, "compile_backend": cfg.compile_backend}  # every setup as the dataset's
     if args.preset == "h100":
         if device.type != "cuda":
             print("note: --preset h100 on the CPU: ResNet-50 at 224 px, batch 256, takes minutes per step")
         setups.append(setup_from_config("h100-resnet18", resolve_config(
-            {"dataset": "cifar10", "arch": "resnet18_cifar", "image_size": 32, "batch_size": 512}),
+            {"dataset": "cifar10", "arch": "resnet18_cifar", "image_size": 32, "batch_size": 512, **compiled}),
             precision, device, 10))
         projection = {"image_size": PROJECTION_SIZE, "batch_size": 256}
     projection_setup = setup_from_config(
         "h100-resnet50" if args.preset == "h100" else "projection-resnet50",
-        resolve_config({"dataset": "imagefolder", "preset": "imagenet", **projection}), precision, device, 1000)
+        resolve_config({"dataset": "imagefolder", "preset": "imagenet", **projection, **compiled}), precision, device,
+        1000)
     if "projection" not in args.skip or args.preset == "h100":
         setups.append(projection_setup)
     return setups, projection_setup
@@ -821,38 +914,47 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     notes = ["images/s counts dataset images; each is two augmented views in BYOL and RELA steps, one in the "
              "supervised step",
-             "steps run on synthetic batches resident on the device (no loader); the loader is timed on its own",
-             "wall_clock_s is the trainer's: target bank (fresh folder per run) + training + evaluation"]
+             "steps run on synthetic batches resident on the device (no loader); the loader is timed on its own"]
+    if "e2e" not in args.skip:
+        notes.append("wall_clock_s is the trainer's: target bank (fresh folder per run) + training + evaluation")
     if not cuda:
         notes.append("fused ops on: not timed on the CPU (Triton's interpreter would run); the trainer uses the "
                      "pure-torch references there")
         notes.append("on the CPU the loader and the step share the cores: a run goes at about 1/(1/loader + 1/step)")
 
-    # The dataset's configuration: preset, then what was given here.
+    # The dataset's configuration: preset, then what was given here. --steps-only: the imagenet preset's.
     given = {"dataset": args.dataset, "device": args.device, "precision": args.precision, "prior": args.prior,
              "method": args.method}
+    if args.steps_only:
+        given.update(dataset="imagefolder", preset="imagenet")
     for name in ("data", "arch", "batch_size", "image_size", "epochs", "probe_epochs", "recipe",
-                 "rela_averaging_scale", "monitor_every", "monitor_size"):
+                 "rela_averaging_scale", "monitor_every", "monitor_size", "compile", "compile_backend"):
         if getattr(args, name) is not None:
             given[name] = getattr(args, name)
     try:
         cfg = resolve_config(given)
-        splits = load_dataset(cfg.dataset, cfg.data, split_seed=cfg.seed, val_fraction=cfg.val_fraction)
+        splits = None if args.steps_only else load_dataset(cfg.dataset, cfg.data, split_seed=cfg.seed,
+                                                           val_fraction=cfg.val_fraction)
     except RelaError as err:
         print(f"throughput: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     if args.prior == "none":
         print("throughput: error: --prior none leaves nothing to compare; give RELA's prior", file=sys.stderr)
         raise SystemExit(1)
-    setups, projection_setup = plan_setups(args, cfg, splits.num_classes, device)
+    if args.steps_only:
+        projection_setup = setup_from_config(f"{cfg.arch}-{cfg.image_size}px", cfg, args.precision, device, 1000)
+        setups = [projection_setup]
+    else:
+        setups, projection_setup = plan_setups(args, cfg, splits.num_classes, device)
     payload = {"benchmark": "throughput", "environment": environment(device), "quick": args.quick,
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "config": asdict(cfg), "notes": notes, "torch_threads": torch.get_num_threads(),
                # On a shared machine other work changes every number here; the load says how much there was.
                "load_average_start": list(os.getloadavg())}
-    print(f"throughput benchmark on {payload['environment']['device']}; {cfg.dataset} ({len(splits.train)} train "
-          f"images), {cfg.arch} {cfg.image_size} px batch {cfg.batch_size} {args.precision}"
-          f"{' channels_last' if cuda else ''}", flush=True)
+    data = "synthetic batches only" if splits is None else f"{cfg.dataset} ({len(splits.train)} train images)"
+    print(f"throughput benchmark on {payload['environment']['device']}; {data}, {cfg.arch} {cfg.image_size} px batch "
+          f"{cfg.batch_size} {args.precision}{' channels_last' if cuda else ''}"
+          f"{f', compiled ({cfg.compile_backend})' if setups[0].compile else ''}", flush=True)
 
     seconds, started = {}, time.perf_counter()
 
@@ -875,6 +977,7 @@ def main(argv: list[str] | None = None) -> dict:
         method_rows = time_method_steps(setups[0], cfg, device, args.methods, warmup=args.step_warmup,
                                         rounds=args.step_rounds, repeats=args.step_repeats)
     payload["step"] = {"setups": [asdict(s) for s in setups], "rows": step_rows, "ratios": ratios, "methods": method_rows,
+                       "like_for_like": like_for_like(step_rows, device),
                        "goals": {"rela_over_byol": 1.3, "byol_over_supervised": 0.35,
                                  "byol_over_supervised_parity": BYOL_PARITY}}
     trainer_fused = "on" if fused_skip_reason(device) is None else "off"
@@ -950,7 +1053,14 @@ def main(argv: list[str] | None = None) -> dict:
 def report(payload: dict) -> None:
     print("\n== step throughput (images/s; synthetic batches on the device) ==")
     print_table(payload["step"]["rows"], ["setup", "step", "fused", "arch", "batch", "size", "precision",
-                                          "images_per_s", "median_ms", "p10_ms", "p90_ms", "rounds", "note"])
+                                          "channels_last", "compiled", "images_per_s", "median_ms", "p10_ms",
+                                          "p90_ms", "rounds", "note"])
+    for check in payload["step"]["like_for_like"]:
+        train, prior = check["train_steps"], check["prior_forward"]
+        print(f"{check['setup']}: supervised, BYOL and RELA steps "
+              + (f"alike ({train['settings']})" if train["same"] else "NOT alike (see the rows)")
+              + f"; prior forward {prior['settings']} "
+              + ("as the target bank runs" if prior["same"] else f"NOT as the target bank runs ({prior['target_bank']})"))
     print("\n== step ratios (goals: RELA/BYOL >= 1.3; BYOL/supervised >= 0.35, parity 0.375) ==")
     print_table(payload["step"]["ratios"], ["setup", "fused", "rela_over_byol", "byol_over_supervised",
                                             "byol_images_per_s", "rela_images_per_s", "supervised_images_per_s"])

@@ -73,8 +73,7 @@ def environment(device: torch.device | str) -> dict:
             versions[module] = __import__(module, fromlist=["__version__"]).__version__
         except Exception:  # not installed, or broken: the report says so instead of failing
             versions[module] = None
-    if device.type == "cuda":
-        versions["cuda"] = torch.version.cuda
+    versions["cuda"] = torch.version.cuda  # the CUDA torch was built with (None for a CPU-only build)
     return {"device": name, "device_type": device.type, "versions": versions, "commit": commit,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
