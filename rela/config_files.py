@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from rela.config import PRESETS, REFERENCE_RECIPE, Config, resolve_config
+from rela.config import PRESETS, REFERENCE_RECIPE, Config, resolve_config, shorten
 from rela.errors import RelaError
 
 # resolve_config sets these for --recipe reference besides REFERENCE_RECIPE (lr per 256 images from the
@@ -23,48 +23,88 @@ from rela.errors import RelaError
 RECIPE_DERIVED = ("lr", "byol_blur")
 
 
+# A config file is a screenful of options: anything much larger, or YAML that repeats a node through more
+# aliases (a "billion laughs" document of a few hundred bytes expands to gigabytes), is refused.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_ALIASES = 16  # k aliases on each of L levels expand to k**L values: at most 4**4 here
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """The options a YAML or JSON file sets, checked against Config's names and types (RelaError otherwise)."""
     path = Path(path)
     if not path.is_file():
         raise RelaError(f"--config {path}: no such file")
-    text = path.read_text()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise RelaError(f"--config {path}: cannot read it: {err.strerror or err}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise RelaError(f"--config {path}: {len(data)} bytes, more than an options file holds (at most "
+                        f"{MAX_CONFIG_BYTES})")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RelaError(f"--config {path}: not UTF-8 text (byte {err.start} is {data[err.start]:#04x}); save it as "
+                        "UTF-8") from None
     try:
         if path.suffix.lower() == ".json":
             raw = json.loads(text)
         else:
-            try:
-                import yaml
-            except ImportError:
-                raise RelaError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); "
-                                "a .json file needs nothing") from None
-            raw = yaml.safe_load(text)
+            raw = _load_yaml(path, text)
     except RelaError:
         raise
     except Exception as err:  # a syntax error in the user's file: its first line says where
-        raise RelaError(f"--config {path}: cannot parse: {str(err).splitlines()[0]}") from None
+        raise RelaError(f"--config {path}: cannot parse: {shorten(str(err).splitlines()[0])}") from None
     if raw is None:
         return {}
+    return checked_options(f"--config {path}", raw)
+
+
+def _load_yaml(path: Path, text: str) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise RelaError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); "
+                        "a .json file needs nothing") from None
+
+    class CountingLoader(yaml.SafeLoader):
+        """SafeLoader that refuses a document with more than MAX_YAML_ALIASES aliases (*name)."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                self.aliases = getattr(self, "aliases", 0) + 1
+                if self.aliases > MAX_YAML_ALIASES:
+                    raise RelaError(f"--config {path}: more than {MAX_YAML_ALIASES} YAML aliases (*name): refused, "
+                                    "as such a file can expand to gigabytes; write the values out")
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=CountingLoader)  # noqa: S506 (a SafeLoader)
+
+
+def checked_options(source: str, raw: Any, unknown: str = "error") -> dict[str, Any]:
+    """`raw` (a parsed file: a mapping of option: value) as Config's options of their types; RelaError naming
+    `source` otherwise. unknown="ignore" leaves out names that are not options (a run's config.json written by
+    another version) instead of refusing them."""
     if not isinstance(raw, dict):
-        raise RelaError(f"--config {path}: expected a mapping of option: value, got {type(raw).__name__}")
+        raise RelaError(f"{source}: expected a mapping of option: value, got {type(raw).__name__}")
     fields = {f.name for f in dataclasses.fields(Config)}
     values = {str(k).replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(k for k in values if k not in fields)
-    if unknown:
-        raise RelaError(f"--config {path}: unknown option(s) {', '.join(unknown)} (python -m rela.train --help "
+    names = sorted(k for k in values if k not in fields)
+    if names and unknown == "error":
+        raise RelaError(f"{source}: unknown option(s) {shorten(', '.join(names))} (python -m rela.train --help "
                         "lists them)")
     hints = typing.get_type_hints(Config)
-    return {name: _coerce(path, name, value, hints[name]) for name, value in values.items()}
+    return {name: _coerce(source, name, value, hints[name]) for name, value in values.items() if name in fields}
 
 
-def _coerce(path: Path, name: str, value: Any, hint: Any) -> Any:
+def _coerce(source: str, name: str, value: Any, hint: Any) -> Any:
     """The value as the option's type: ints for floats, and numeric strings for floats (PyYAML reads `1e-4`,
     without a dot, as a string); anything else of the wrong type is an error naming the option."""
     allowed = [t for t in typing.get_args(hint)] or [hint]
     if value is None:
         if type(None) in allowed:
             return None
-        raise RelaError(f"--config {path}: {name} cannot be null")
+        raise RelaError(f"{source}: {name} cannot be null")
     kind = next(t for t in allowed if t is not type(None))
     if kind is bool:
         if isinstance(value, bool):
@@ -85,7 +125,7 @@ def _coerce(path: Path, name: str, value: Any, hint: Any) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. rela_phase: 0.3
-    raise RelaError(f"--config {path}: {name} must be {kind.__name__}, got {value!r}")
+    raise RelaError(f"{source}: {name} must be {kind.__name__}, got {shorten(repr(value))}")
 
 
 def resolve_with_file(file_values: dict[str, Any], flag_values: dict[str, Any]) -> Config:

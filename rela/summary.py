@@ -11,7 +11,7 @@ from rela.eval.frozen import probe_and_knn
 from rela.models.export import write_backbone_safetensors
 from rela.run import Run
 from rela.utils import distributed as dist_utils
-from rela.utils.checkpoint import atomic_torch_save, atomic_write_json, cpu_copy
+from rela.utils.checkpoint import atomic_torch_save, atomic_write_json, cpu_copy, write_errors_named
 from rela.utils.digest import state_digest
 from rela.utils.faults import kill_point
 
@@ -70,11 +70,15 @@ def write_summary(run: Run, results: dict) -> dict:
         "device": str(run.device),
     }
     if dist.is_main:
-        atomic_torch_save({"arch": cfg.arch, "state_dict": cpu_copy(run.learner.backbone.state_dict()),
-                           "image_size": cfg.image_size, "mean": list(run.splits.mean), "std": list(run.splits.std)},
-                          run.run_dir / "backbone.pt")
-        write_backbone_safetensors(run.run_dir / "backbone.pt")  # the same weights, for users without rela
-        atomic_write_json(summary, run.run_dir / "summary.json")
+        kept = "the run's checkpoints are intact: --resume auto evaluates again and writes it"
+        with write_errors_named(run.run_dir / "backbone.pt", kept):
+            atomic_torch_save({"arch": cfg.arch, "state_dict": cpu_copy(run.learner.backbone.state_dict()),
+                               "image_size": cfg.image_size, "mean": list(run.splits.mean),
+                               "std": list(run.splits.std)}, run.run_dir / "backbone.pt")
+        with write_errors_named(run.run_dir / "backbone.safetensors", kept):
+            write_backbone_safetensors(run.run_dir / "backbone.pt")  # the same weights, for users without rela
+        with write_errors_named(run.run_dir / "summary.json", kept):
+            atomic_write_json(summary, run.run_dir / "summary.json")
         run.log.info(f"linear probe top-1 {summary['linear_probe_top1']:.2f}%, kNN top-1 {summary['knn_top1']:.2f}%, "
                      f"{summary['wall_clock_s']:.1f}s, {state.step} steps, {images_seen} images"
                      + (f", {len(skipped)} corrupt training images skipped" if skipped else "")

@@ -97,6 +97,12 @@ class CorruptImageError(RelaError):
         self.path = path
 
 
+# Decoded images larger than this are refused as corrupt (--skip-corrupt skips them): a PNG of 169
+# megapixels is ~23 kB on disk and ~2.7 GB decoded (Pillow only refuses over 2 x 89.5M pixels, and only
+# warns below). 64 megapixels (8192 x 8192) is above any photo a training set holds.
+MAX_DECODE_PIXELS = 8192 * 8192
+
+
 def decode_image(path: Path, draft_size: int | None = None) -> np.ndarray:
     from PIL import Image
 
@@ -105,7 +111,13 @@ def decode_image(path: Path, draft_size: int | None = None) -> np.ndarray:
             if draft_size is not None and image.format == "JPEG":
                 # JPEG's DCT scaling decodes at 1/2, 1/4 or 1/8 size for a fraction of the cost.
                 image.draft("RGB", (draft_size, draft_size))
+            width, height = image.size  # what will be decoded, read from the header (after the draft)
+            if width * height > MAX_DECODE_PIXELS:
+                raise CorruptImageError(path, f"{width} x {height} pixels ({width * height / 1e6:.0f} megapixels) "
+                                              f"is over the decode limit of {MAX_DECODE_PIXELS / 1e6:.0f} megapixels")
             return _to_rgb(image)
+    except CorruptImageError:
+        raise
     except Exception as err:  # PIL reports bad data as OSError, ValueError, EOFError, struct.error,
         # DecompressionBombError...: whatever it is, the file is unusable and the user needs its name.
         raise CorruptImageError(path, str(err) or type(err).__name__) from None

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from rela.config import Config, resolve_config
+from rela.config import Config, resolve_config, shorten
+from rela.config_files import checked_options
 from rela.data.datasets import load_dataset
 from rela.data.factory import build_image_source, choose_loader
 from rela.data.views import Normalize
@@ -28,7 +29,7 @@ from rela.eval.features import extract_features
 from rela.eval.frozen import PROBE_PROTOCOLS, probe_and_knn
 from rela.models.backbones import build_backbone
 from rela.run import center_crop_fraction, pick_device
-from rela.utils.checkpoint import atomic_write_json
+from rela.utils.checkpoint import atomic_write_json, write_errors_named
 from rela.utils.distributed import DistInfo
 
 # Options of the run that carry over to its evaluation unless given (dataset-specific ones only when the
@@ -164,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rela.eval: error: {err}", file=sys.stderr)
         return 1
     out = Path(args.out) if args.out else default_out(args.backbone, report["dataset"])
-    atomic_write_json(report, out)
+    try:
+        with write_errors_named(out):
+            atomic_write_json(report, out)
+    except RelaError as err:
+        print(f"rela.eval: error: {err}", file=sys.stderr)
+        return 1
     for protocol, r in report["results"].items():
         spread = f" ± {r['linear_probe_top1_std']:.2f}" if r["linear_probe_top1_std"] is not None else ""
         trained_on = report["trained_on"]
@@ -176,7 +182,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A run's config.json as Config's options of their types ({} without one); RelaError naming the file if
+    it is not JSON or holds values of the wrong type. Names that are not options (another version's) are
+    left out."""
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise RelaError(f"{path}: not a run's config.json: {shorten(str(err).splitlines()[0])}") from None
+    return checked_options(str(path), raw, unknown="ignore")
 
 
 def _first_detail(message: str) -> str:
