@@ -22,6 +22,7 @@ from rela.config import Config, config_to_dict, parse_config
 from rela.data.interfaces import TrainBatch
 from rela.errors import RelaError
 from rela.plots import write_curves_logged
+from rela.prior.specs import code_warning
 from rela.run import Run, build_run, configure_backends, pick_device, wrap_for_ranks
 from rela.step import train_step
 from rela.summary import evaluate, write_summary
@@ -59,6 +60,8 @@ def run(cfg: Config) -> dict | None:
     lock = lock_run_folder(run_dir, dist)  # a second run on the same --out is refused, not interleaved
     log = RunLog(run_dir, dist.is_main, loggers=cfg.logger)
     r = None
+    if (warning := code_warning(cfg.prior)) is not None:
+        log.info(warning)
     try:
         r = build_run(cfg, dist, device, run_dir, log, start_time)
         resume_from = dist_utils.gather_objects(_resume_path(cfg, run_dir, log), dist)[0]  # rank 0's, for all

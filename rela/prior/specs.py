@@ -6,6 +6,12 @@
   timm:NAME[:WEIGHTS]           a timm model, random (seeded) or with a .safetensors/.pth file (timm_prior.py)
   torchscript:PATH              a TorchScript module; encode_image() is called when it has one (CLIP)
   run:DIR                       the backbone of a run of this trainer
+
+Every file but a TorchScript one is read as weights only (safetensors, or torch's weights-only unpickler): it
+runs nothing. A TorchScript file is a program: its code runs when the prior encodes an image, and it can read
+and write any file the run can (torch.from_file(..., shared=True) writes one). Load only TorchScript files you
+trust; a CLIP-like prior loads safely as weights, e.g. timm:vit_base_patch16_clip_224.openai:model.safetensors
+(the image tower of hf.co/timm/vit_base_patch16_clip_224.openai, with CLIP's normalisation from timm).
 """
 from __future__ import annotations
 
@@ -64,6 +70,15 @@ def _freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
+
+
+def code_warning(spec: str) -> str | None:
+    """The run log's warning for a prior that is code rather than weights (torchscript:PATH); None otherwise."""
+    if not spec.startswith("torchscript:"):
+        return None
+    return (f"warning: --prior {spec}: a TorchScript file runs code (it can read and write any file this run can); "
+            "load only files you trust. Weights run nothing: timm:NAME:WEIGHTS.safetensors (CLIP image towers, e.g. "
+            "timm:vit_base_patch16_clip_224.openai:model.safetensors) or torchvision:NAME:WEIGHTS.pth")
 
 
 def load_prior(spec: str, *, arch: str, image_size: int, seed: int, prior_size: int | None,
