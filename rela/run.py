@@ -31,10 +31,10 @@ from rela.methods.registry import build_method
 from rela.models.backbones import build_backbone
 from rela.optim import build_optimizer, learning_rate
 from rela.prior.specs import load_prior
-from rela.prior.target_bank import TargetBank, prepare_target_bank
+from rela.prior.target_bank import TargetBank, agreed_fingerprint, prepare_target_bank
 from rela.step import make_ema_updater
 from rela.utils.checkpoint import CheckpointWriter
-from rela.utils.distributed import DistInfo
+from rela.utils.distributed import DistInfo, check_shared_folder
 from rela.utils.progress import RunLog
 
 
@@ -192,8 +192,13 @@ def build_target_bank(cfg: Config, splits: DatasetSplits, train_source: ImageSou
         images = train_source.load(indices, size=prior.input_size, crop_fraction=crop_fraction)
         return prior_normalize(resize_center_crop(images, prior.input_size, 1.0))
 
+    # Under torchrun every node must see one bank folder, and rank 0's fingerprint keys the bank for all.
+    list_dir = None if cfg.target_bank else Path(cfg.bank_dir)
+    if list_dir is not None:
+        check_shared_folder(list_dir, "--bank-dir", dist)
     bank = prepare_target_bank(
-        prior, load_prior_images, num_rows=len(splits.train), dataset_fingerprint=splits.train.fingerprint(),
+        prior, load_prior_images, num_rows=len(splits.train),
+        dataset_fingerprint=agreed_fingerprint(splits.train, dist, list_dir),
         dataset_name=cfg.dataset, crop_fraction=crop_fraction, target_dim=target_dim,
         bank_dir=Path(cfg.bank_dir), batch_size=cfg.bank_batch_size, dist=dist, device=device, log=log,
         explicit_path=Path(cfg.target_bank) if cfg.target_bank else None, show_progress=cfg.progress)

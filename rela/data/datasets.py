@@ -42,6 +42,10 @@ class ArrayImages:
         digest.update(self.labels.tobytes())
         return f"{self.name}:array:{digest.hexdigest()[:16]}"
 
+    def names_digest(self) -> str:
+        """What every rank must agree on before using rank 0's fingerprint: here the shape and labels."""
+        return hashlib.sha256(str(self.images.shape).encode() + self.labels.tobytes()).hexdigest()[:16]
+
     def subset(self, indices: np.ndarray, name: str) -> "ArrayImages":
         return ArrayImages(self.images[indices], self.labels[indices], name)
 
@@ -69,8 +73,15 @@ class FileImages:
         # Name, size and modification time (ns) of each file, not a hash of its bytes: reading all of
         # ImageNet (1.28M files, ~140 GB) at every start would take longer than many runs, while a stat
         # is cheap. An edit in place changes the mtime even when it keeps the size. The price: a copy
-        # that does not keep mtimes (cp without -p), or a touch, rebuilds the bank once.
+        # that does not keep mtimes (cp without -p), or a touch, rebuilds the bank once. Under torchrun only
+        # rank 0 takes it (rela.prior.target_bank.agreed_fingerprint): a node's staged copy has other mtimes.
         digest = hashlib.sha256()
+        for line in self.stat_lines():
+            digest.update(line)
+        return f"{self.name}:files:{len(self.files)}:{digest.hexdigest()[:16]}"
+
+    def stat_lines(self):
+        """One line per file, b"name\\0size\\0mtime_ns\\0label\\n", in index order: what the fingerprint hashes."""
         for rel, label in zip(self.files, self.labels.tolist()):
             try:
                 stat = os.stat(self.root / rel)
@@ -78,8 +89,15 @@ class FileImages:
             except OSError:  # a broken link or a link loop: the loaders name it (or skip it)
                 size, mtime = -1, -1
             # surrogateescape: a file name that is not UTF-8 hashes as its bytes on disk.
-            digest.update(f"{rel}\0{size}\0{mtime}\0{label}\n".encode(errors="surrogateescape"))
-        return f"{self.name}:files:{len(self.files)}:{digest.hexdigest()[:16]}"
+            yield f"{rel}\0{size}\0{mtime}\0{label}\n".encode(errors="surrogateescape")
+
+    def names_digest(self) -> str:
+        """The relative names and labels, in index order, without touching the files (no stat): two copies of
+        a tree on two nodes agree on it whatever their modification times."""
+        digest = hashlib.sha256()
+        for rel, label in zip(self.files, self.labels.tolist()):
+            digest.update(f"{rel}\0{label}\n".encode(errors="surrogateescape"))
+        return digest.hexdigest()[:16]
 
     def subset(self, indices: np.ndarray, name: str) -> "FileImages":
         return FileImages(self.root, [self.files[i] for i in indices], self.labels[indices], name)
@@ -300,6 +318,11 @@ def _scan_class_folders(root: Path) -> tuple[list[str], np.ndarray, list[str]]:
         files.extend(os.path.relpath(f, root) for f in found)
         labels.extend([label] * len(found))
     return files, np.asarray(labels, dtype=np.int64), classes
+
+
+def list_class_folders(root: Path) -> list[str]:
+    """The image files of ROOT/CLASS/..., relative to root, in index order (what a dataset of `root` lists)."""
+    return _scan_class_folders(Path(root))[0]
 
 
 def _image_files(folder: Path) -> list[str]:

@@ -1,15 +1,21 @@
-"""The raw pass of the target bank: the frozen prior's features of every training image, in one file.
+"""The raw pass of the target bank: the frozen prior's features of every training image.
 
-Every rank runs at once and writes its own rows of the same file; a build killed at any point resumes
-where it stopped; a half-written bank is never taken for a complete one. The work is rela._C's
-(csrc/): this module drives it and keeps the covariance sums the PCA needs.
+Every rank runs at once and writes its own shard of rows; a build killed at any point resumes where it
+stopped; a half-written bank is never taken for a complete one. The work is rela._C's (csrc/): this module
+drives it and keeps the covariance sums the PCA needs.
+
+One process writes one file: `path` itself, or under torchrun one shard file per rank beside it
+(`shard_path`: PATH.shardRofW). Ranks on several nodes never write one memory-mapped file together: NFS
+keeps no coherence between two nodes' mappings of a file, so rows written on one node could reach the file
+as stale pages of the other. Each rank finalises its own shard, and the ranks agree that every shard is
+complete with an all-reduce; each rank reads back only its own rows (the PCA sums, the projection).
 
 The bank file (layout in csrc/bank_file.h) holds a header (key, shape, dtype, state, checksum), the
 rows at their dataset index, and one done-flag byte per row. A row is flagged only after its data was
 msync'ed; the 'complete' state and the rows' checksum are written last, after every row is flagged.
 
-Sharding: rank r of W owns the contiguous rows [r * N // W, (r + 1) * N // W) (rela._C.shard_range), and
-computes those of them not flagged done, in batches of exactly `batch_size` indices (the last one padded
+Sharding: rank r of W owns the contiguous rows [r * N // W, (r + 1) * N // W) (rela._C.shard_range), held
+in its shard file at row (index - first row), and computes those of them not flagged done, in batches of exactly `batch_size` indices (the last one padded
 with its last index and masked), so the prior sees one static shape.
 
 Covariance sums: row_sum and row_outer_sum are accumulated on `device` in float64 as the rows stream
@@ -40,13 +46,24 @@ _MAX_KEY_BYTES = 3968   # what fits in the header (csrc/bank_file.h)
 
 @dataclass
 class RawFeatures:
-    path: Path                      # the raw bank file
-    features: np.ndarray            # (num_rows, feature_dim) read-only memmap of the rows (float32|float16)
+    path: Path                      # the raw bank file (this rank's shard file under torchrun)
+    features: np.ndarray            # (rows, feature_dim) read-only memmap of this file's rows (float32|float16)
     row_sum: torch.Tensor           # (feature_dim,) float64, sum over this rank's rows, on `device`
     row_outer_sum: torch.Tensor     # (feature_dim, feature_dim) float64, sum of x x^T over this rank's rows
     row_count: int                  # rows this rank accumulated (its whole shard)
     rows_computed: int = 0          # rows the prior ran on in this call (0: the bank was complete)
     rows_per_s: float = 0.0         # this rank's build throughput (prior + copy + write), 0 if nothing ran
+    first_row: int = 0              # the dataset index of features[0] (the shard's first row)
+
+
+class RawBankDamaged(RelaError):
+    """A raw bank file that exists but cannot be used (another key or shape, a bad checksum): rebuild it."""
+
+
+def shard_path(path: Path, rank: int, world_size: int) -> Path:
+    """Rank `rank`'s file of a raw bank built by `world_size` ranks (`path` itself for one rank)."""
+    path = Path(path)
+    return path if world_size == 1 else path.with_name(f"{path.name}.shard{rank}of{world_size}")
 
 
 def build_raw_features(
@@ -64,10 +81,11 @@ def build_raw_features(
         torch.no_grad(), always with B == batch_size.
     load_batch: int64 CPU indices (B,) -> the prior's normalised input (B, C, H, W) on device.
     key: what the bank was built for (prior, data, preprocessing); a bank at `path` with another key,
-        shape or dtype, or a complete bank whose checksum fails, raises RelaError naming which, unless
+        shape or dtype, or a complete bank whose checksum fails, raises RawBankDamaged naming which, unless
         rebuild=True, which deletes it first. A partial bank with the same key, shape and dtype resumes.
     world_size > 1: torch.distributed must be initialised; every rank must call this with the same
-        arguments but its rank, and returns once the bank is complete.
+        arguments but its rank, writes its shard to shard_path(path, rank, world_size), and returns once
+        every shard is complete. An error of one rank's file is raised on every rank.
     flush_seconds: how often written rows are msync'ed and flagged done (0: after every batch); rows not
         flagged when a build is killed are computed again.
     ring_slots: host buffers between the prior and the writer thread (batches in flight).
@@ -80,55 +98,76 @@ def build_raw_features(
     dtype_name, np_dtype = _STORAGE[storage_dtype]
     distributed = world_size > 1
 
-    if rank == 0:
+    shard_begin, shard_end = _C.shard_range(num_rows, rank, world_size)
+    if world_size > 1 and not rebuild and _complete_with(_C, path, key, num_rows, feature_dim, dtype_name):
+        # A complete bank written by one process: only read from here on, so every rank may share it.
+        file_rows, offset, file_key = num_rows, 0, key
+    else:
+        file_rows, offset = shard_end - shard_begin, shard_begin
+        path = shard_path(path, rank, world_size)
+        file_key = key if world_size == 1 else f"{key}/shard{rank}of{world_size}"
+    row_sum = torch.zeros(feature_dim, dtype=torch.float64, device=device)
+    row_outer_sum = torch.zeros(feature_dim, feature_dim, dtype=torch.float64, device=device)
+    rows_computed, rows_per_s = 0, 0.0
+    threads = max(1, min(16, (os.cpu_count() or 1) // world_size))
+
+    error = None
+    try:
         if rebuild:
             path.unlink(missing_ok=True)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            _C.create_bank(str(path), num_rows, feature_dim, dtype_name, key)
-    # Every rank validates the same file after this barrier, so a mismatch raises on all of them
-    # instead of leaving the others waiting for rank 0.
-    _barrier(distributed)
-    header = _read_header(_C, path)
-    _check_header(header, path, key, num_rows, feature_dim, dtype_name)
-    bank = _C.BankFile(str(path))
-    shard_begin, shard_end = _C.shard_range(num_rows, rank, world_size)
-    row_sum = torch.zeros(feature_dim, dtype=torch.float64, device=device)
-    row_outer_sum = torch.zeros(feature_dim, feature_dim, dtype=torch.float64, device=device)
-    rows_computed, rows_per_s = 0, 0.0
-
-    if header["complete"]:
-        if verify_checksum:
-            threads = max(1, min(16, (os.cpu_count() or 1) // world_size))
+            _C.create_bank(str(path), file_rows, feature_dim, dtype_name, file_key)
+        header = _read_header(_C, path)
+        _check_header(header, path, file_key, file_rows, feature_dim, dtype_name)
+        bank = _C.BankFile(str(path))
+        if header["complete"] and verify_checksum:
             computed = bank.checksum(threads)
             if computed != header["checksum"]:
-                raise RelaError(f"raw bank {path}: checksum mismatch (stored {header['checksum']:#018x}, "
-                                f"computed {computed:#018x}): the file is corrupt; delete it or pass rebuild=True")
+                raise RawBankDamaged(f"raw bank {path}: checksum mismatch (stored {header['checksum']:#018x}, "
+                                     f"computed {computed:#018x}): the file is corrupt; delete it or pass rebuild=True")
+    except RelaError as err:
+        error = err
+    # Every rank raises the first rank's error, instead of leaving the others waiting in a collective.
+    error = next((e for e in _gather(error, distributed) if e is not None), None)
+    if error is not None:
+        raise error
+
+    if header["complete"]:
         features = _memmap(path, header, np_dtype)
-        _add_rows_(row_sum, row_outer_sum, features, shard_begin, shard_end, None)
+        _add_rows_(row_sum, row_outer_sum, features, shard_begin - offset, shard_end - offset, None)
         if progress is not None:
             progress(shard_end - shard_begin, shard_end - shard_begin)
     else:
-        done = bank.done_flags()  # this shard's flags change only through this rank from here on
-        plan = _C.ShardPlan(bank, rank, world_size, batch_size)
-        _add_rows_(row_sum, row_outer_sum, _memmap(path, header, np_dtype), shard_begin, shard_end,
-                   done[shard_begin:shard_end].bool())
+        done = bank.done_flags()  # this file's flags change only through this rank from here on
+        plan = _C.ShardPlan(bank, 0, 1, batch_size)
+        _add_rows_(row_sum, row_outer_sum, _memmap(path, header, np_dtype), 0, file_rows, done.bool())
         rows_computed, rows_per_s = _stream_rows_(
-            _C, bank, plan, encode, load_batch, row_sum, row_outer_sum, device=device,
-            storage_dtype=storage_dtype, feature_dim=feature_dim, flush_seconds=flush_seconds,
+            _C, bank, plan, encode, lambda local: load_batch(local + shard_begin), row_sum, row_outer_sum,
+            device=device, storage_dtype=storage_dtype, feature_dim=feature_dim, flush_seconds=flush_seconds,
             ring_slots=ring_slots, progress=progress)
-        _barrier(distributed)  # every rank's rows are flagged
-        if rank == 0:
-            bank.finalize(max(1, min(16, os.cpu_count() or 1)))
-        _barrier(distributed)  # the header says complete
+        bank.finalize(threads)
         bank.reload_header()
         header = bank.header
-        if not header["complete"]:
-            raise RuntimeError(f"raw bank {path} is not complete after every rank finished its rows")
         features = _memmap(path, header, np_dtype)
+    if not _all_ranks(header["complete"], distributed, device):
+        raise RuntimeError(f"raw bank {path}: not every rank's shard is complete after every rank finished its rows")
 
     return RawFeatures(path=path, features=features, row_sum=row_sum, row_outer_sum=row_outer_sum,
-                       row_count=shard_end - shard_begin, rows_computed=rows_computed, rows_per_s=rows_per_s)
+                       row_count=shard_end - shard_begin, rows_computed=rows_computed, rows_per_s=rows_per_s,
+                       first_row=offset)
+
+
+def _complete_with(_C, path: Path, key: str, num_rows: int, feature_dim: int, dtype_name: str) -> bool:
+    """Whether `path` is a complete bank of this key, shape and dtype (its checksum is checked later)."""
+    if not Path(path).is_file():
+        return False
+    try:
+        header = _C.read_bank_header(str(path))
+    except RuntimeError:
+        return False
+    return (header["header_intact"] and header["complete"] and header["key"].decode(errors="replace") == key
+            and (header["num_rows"], header["feature_dim"], header["dtype"]) == (num_rows, feature_dim, dtype_name))
 
 
 def read_bank_state(path: Path) -> dict:
@@ -220,6 +259,8 @@ def _check_arguments(num_rows, feature_dim, key, batch_size, rank, world_size, s
     if len(key.encode()) > _MAX_KEY_BYTES:
         raise RelaError(f"raw bank: key is {len(key.encode())} bytes, at most {_MAX_KEY_BYTES} fit (pass a digest)")
     if world_size > 1:
+        if num_rows < world_size:
+            raise RelaError(f"raw bank: {num_rows} rows cannot be shared by {world_size} ranks")
         if not (dist.is_available() and dist.is_initialized()):
             raise RelaError(f"raw bank: world_size={world_size} needs torch.distributed initialised by the caller")
         if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
@@ -231,17 +272,17 @@ def _read_header(_C, path: Path) -> dict:
     try:
         return _C.read_bank_header(str(path))
     except RuntimeError as err:
-        raise RelaError(f"raw bank {path} cannot be read as a rela raw bank: {_first_line(err)}; delete it or "
+        raise RawBankDamaged(f"raw bank {path} cannot be read as a rela raw bank: {_first_line(err)}; delete it or "
                         "pass rebuild=True") from None
 
 
 def _check_header(header: dict, path: Path, key: str, num_rows: int, feature_dim: int, dtype_name: str) -> None:
     def mismatch(what: str, stored, wanted) -> RelaError:
-        return RelaError(f"raw bank {path}: {what} mismatch (stored {stored}, wanted {wanted}); delete it or "
+        return RawBankDamaged(f"raw bank {path}: {what} mismatch (stored {stored}, wanted {wanted}); delete it or "
                          "pass rebuild=True")
 
     if not header["header_intact"]:
-        raise RelaError(f"raw bank {path}: checksum mismatch in the header (the header is corrupt); delete it "
+        raise RawBankDamaged(f"raw bank {path}: checksum mismatch in the header (the header is corrupt); delete it "
                         "or pass rebuild=True")
     stored_key = header["key"].decode(errors="replace")
     if stored_key != key:
@@ -269,9 +310,21 @@ def _memmap(path: Path, header: dict, np_dtype) -> np.ndarray:
                      shape=(header["num_rows"], header["feature_dim"]))
 
 
-def _barrier(distributed: bool) -> None:
-    if distributed:
-        dist.barrier()
+def _gather(obj, distributed: bool) -> list:
+    if not distributed:
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _all_ranks(flag: bool, distributed: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank (an all-reduce of the flags' minimum; on `device`, as NCCL needs)."""
+    if not distributed:
+        return bool(flag)
+    value = torch.tensor([int(bool(flag))], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def _first_line(err: BaseException) -> str:

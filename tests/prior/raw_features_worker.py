@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.0, help="seconds of sleep per prior call")
     parser.add_argument("--flush-seconds", type=float, default=0.0)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--fail-after-calls", type=int, default=None, help="the prior raises on its next call")
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # ranks share the test machine's cores
@@ -79,15 +80,25 @@ def main() -> None:
         loaded.append(indices.clone())
         return load_batch(indices)
 
+    prior = make_prior(args.feature_dim, delay=args.delay)
+    calls = []
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        if args.fail_after_calls is not None and len(calls) >= args.fail_after_calls:
+            raise SystemExit(3)  # this rank dies part-way through its shard
+        calls.append(len(images))
+        return prior(images)
+
     raw = build_raw_features(
-        make_prior(args.feature_dim, delay=args.delay), load, args.num_rows, args.feature_dim, args.path, "test-key",
+        encode, load, args.num_rows, args.feature_dim, args.path, "test-key",
         batch_size=args.batch_size, rank=args.rank, world_size=args.world_size,
         storage_dtype=getattr(torch, args.dtype), flush_seconds=args.flush_seconds)
     if args.out is not None:
         np.savez(args.out, row_sum=raw.row_sum.numpy(), row_outer_sum=raw.row_outer_sum.numpy(),
                  row_count=raw.row_count, rows_computed=raw.rows_computed,
                  loaded=torch.cat(loaded).numpy() if loaded else np.zeros((0,), np.int64),
-                 batches=len(loaded), complete_rows=np.array(raw.features).astype(np.float64))
+                 batches=len(loaded), complete_rows=np.array(raw.features).astype(np.float64),
+                 first_row=raw.first_row)
     if args.world_size > 1:
         import torch.distributed as dist
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from rela.errors import RelaError
-from rela.prior.raw_features import build_raw_features, read_bank_state
+from rela.prior.raw_features import build_raw_features, read_bank_state, shard_path
 
 from rela import _C  # noqa: E402  (a missing build must fail here, not skip)
 
@@ -84,8 +84,9 @@ def free_port() -> int:
 
 
 def run_ranks(path: Path, tmp_path: Path, num_rows: int, feature_dim: int, batch_size: int, world_size: int,
-              dtype: str = "float32") -> list[dict]:
-    """Builds with `world_size` worker processes in a gloo group; returns what each rank returned."""
+              dtype: str = "float32", fail: dict[int, int] | None = None) -> list[dict]:
+    """Builds with `world_size` worker processes in a gloo group; returns what each rank returned.
+    fail: {rank: calls}: that rank's prior dies after that many calls, and every rank is expected to fail."""
     port = free_port()
     procs = []
     for rank in range(world_size):
@@ -93,6 +94,8 @@ def run_ranks(path: Path, tmp_path: Path, num_rows: int, feature_dim: int, batch
         cmd = [sys.executable, str(WORKER), "--path", str(path), "--num-rows", str(num_rows), "--feature-dim",
                str(feature_dim), "--batch-size", str(batch_size), "--dtype", dtype, "--rank", str(rank),
                "--world-size", str(world_size), "--port", str(port), "--out", str(out)]
+        if fail and rank in fail:
+            cmd += ["--fail-after-calls", str(fail[rank])]
         procs.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out))
     results = []
     for proc, out in procs:
@@ -102,8 +105,8 @@ def run_ranks(path: Path, tmp_path: Path, num_rows: int, feature_dim: int, batch
             for other, _ in procs:
                 other.kill()
             raise
-        assert proc.returncode == 0, output
-        results.append(dict(np.load(out)))
+        assert (proc.returncode != 0) == bool(fail), output
+        results.append(None if fail else dict(np.load(out)))
     return results
 
 
@@ -197,16 +200,20 @@ def test_rows_are_flagged_on_the_flush_timer_while_the_prior_runs(tmp_path, flus
 
 
 @pytest.mark.parametrize("num_rows,batch_size,dtype", [(40, 4, "float32"), (37, 5, "float16")])
-def test_two_ranks_write_one_bank(tmp_path, num_rows, batch_size, dtype):
+def test_two_ranks_write_one_shard_file_each(tmp_path, num_rows, batch_size, dtype):
+    """No file is written by two processes (NFS keeps no coherence between two nodes' mappings of one file):
+    each rank writes and finalises its own shard file, which holds exactly its rows."""
     path = tmp_path / "bank.raw"
     results = run_ranks(path, tmp_path, num_rows, 16, batch_size, world_size=2, dtype=dtype)
     storage = getattr(torch, dtype)
-    rows = torch.from_numpy(results[0]["complete_rows"])
+    assert not path.exists()
+    assert [int(r["first_row"]) for r in results] == [_C.shard_range(num_rows, r, 2)[0] for r in range(2)]
+    rows = torch.cat([torch.from_numpy(r["complete_rows"]) for r in results])
     assert_rows_match_reference(rows, storage)
-    torch.testing.assert_close(torch.from_numpy(results[1]["complete_rows"]), rows, rtol=0, atol=0)
-    assert read_bank_state(path)["complete"]
     for rank, result in enumerate(results):
         begin, end = _C.shard_range(num_rows, rank, 2)
+        state = read_bank_state(shard_path(path, rank, 2))
+        assert state["complete"] and state["num_rows"] == end - begin
         shard = rows[begin:end]
         assert int(result["row_count"]) == end - begin
         # Each rank computed its own shard, in static batches (padding repeats a shard index).
@@ -230,22 +237,20 @@ def test_two_ranks_reuse_a_complete_bank_without_running_the_prior(tmp_path):
                                    rtol=1e-12, atol=0)
 
 
-def test_interrupted_build_resumes_on_two_ranks_without_recomputing(tmp_path):
+def test_interrupted_two_rank_build_resumes_without_recomputing(tmp_path):
+    """Rank 1 dies after three batches of its shard (rank 0 finishes its own, then fails in the all-reduce
+    that agrees on completion); run again, rank 0 reuses its shard and rank 1 computes only what is missing."""
     path = tmp_path / "bank.raw"
-    prior = CountingPrior(16, fail_after=3)
-    with pytest.raises(Interrupted):
-        build(path, 45, 16, 4, prior=prior.encode, load_batch=prior.load_batch)
-    state = read_bank_state(path)
-    done_before = prior.indices
-    # The three batches handed to the writer before the interrupt were written and flagged.
-    assert state["rows_done"] == len(done_before) == 12 and not state["complete"]
+    run_ranks(path, tmp_path, 45, 16, 4, world_size=2, fail={1: 3})
+    begin1 = _C.shard_range(45, 1, 2)[0]
+    state0, state1 = read_bank_state(shard_path(path, 0, 2)), read_bank_state(shard_path(path, 1, 2))
+    assert state0["complete"] and not state1["complete"] and state1["rows_done"] == 12
     results = run_ranks(path, tmp_path, 45, 16, 4, world_size=2)
-    recomputed = set().union(*(set(r["loaded"].tolist()) for r in results))
-    assert recomputed.isdisjoint(done_before)
-    assert recomputed | done_before == set(range(45))
-    assert_rows_match_reference(torch.from_numpy(results[0]["complete_rows"]), torch.float32)
+    assert int(results[0]["rows_computed"]) == 0 and int(results[0]["batches"]) == 0
+    assert set(results[1]["loaded"].tolist()) == set(range(begin1 + 12, 45))
+    rows = torch.cat([torch.from_numpy(r["complete_rows"]) for r in results])
+    assert_rows_match_reference(rows, torch.float32)
     # Sums cover the whole shard: rows read back from the file plus rows computed now.
-    rows = torch.from_numpy(results[0]["complete_rows"])
     total = sum(torch.from_numpy(r["row_outer_sum"]) for r in results)
     torch.testing.assert_close(total, rows.T @ rows, rtol=1e-12, atol=0)
 
