@@ -2,8 +2,10 @@
 
 Every rank draws the same subset (same seed, same epoch) and takes a disjoint share of it, so no image
 is seen twice in an epoch and all ranks run the same number of steps. The subset is exactly what is
-trained on: its size is rounded down so that every rank gets the same count, and trimmed by one per rank
-when the last batch would hold a single image (BatchNorm cannot train on one sample).
+trained on: its size is rounded down to whole batches on every rank, so every batch holds exactly
+`batch_size` images. A short last batch would be a new input shape once an epoch (torch.compile
+recompiles the backbone for it) and a step at another batch size than the recipe's (its learning rate and
+BatchNorm statistics); the reference code drops it too (DataLoader(drop_last=True)).
 """
 from __future__ import annotations
 
@@ -22,8 +24,6 @@ class BudgetSampler:
         self.num_items, self.budget, self.batch_size = num_items, budget, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         per_rank = int(num_items * budget) // world_size
-        if per_rank % batch_size == 1:
-            per_rank -= 1
         if per_rank < 2:
             raise RelaError(f"--budget {budget} of {num_items} images leaves {per_rank} per rank "
                             f"over {world_size} rank(s): too few to train on")
@@ -33,7 +33,7 @@ class BudgetSampler:
             raise RelaError(f"an epoch holds {per_rank} images per rank (--budget {budget} of {num_items} training "
                             f"images over {world_size} rank(s)), fewer than one batch ({batch_size} per rank): lower "
                             "--batch-size or raise --budget")
-        self.per_rank = per_rank
+        self.per_rank = per_rank - per_rank % batch_size  # whole batches: the short last one is dropped
         self.epoch = 0
 
     @property
@@ -42,7 +42,7 @@ class BudgetSampler:
 
     @property
     def steps_per_epoch(self) -> int:
-        return -(-self.per_rank // self.batch_size)
+        return self.per_rank // self.batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -58,7 +58,8 @@ class BudgetSampler:
         return self.epoch_subset(epoch)[self.rank:: self.world_size]
 
     def batches(self, epoch: int | None = None, start_step: int = 0) -> list[np.ndarray]:
-        """This rank's batches for the epoch, from `start_step` on (to resume mid-epoch)."""
+        """This rank's batches for the epoch, from `start_step` on (to resume mid-epoch); each holds
+        exactly `batch_size` indices."""
         indices = self.rank_indices(epoch)
         return [indices[s: s + self.batch_size]
                 for s in range(start_step * self.batch_size, len(indices), self.batch_size)]

@@ -3,9 +3,8 @@ steps and takes them back in order.
 
 - Steps are fed, not read. The host feeds each step's images through an external source in exactly the
   order `BudgetSampler.batches` gives, so an epoch is this rank's share of the budget's subset, each
-  index once, and the last (short) batch is fed as it is. There is no reader with its own notion of an
-  epoch, shard or last-batch policy, which is where DALI loaders in other SSL trainers silently skip or
-  repeat samples.
+  index once, in the sampler's whole batches. There is no reader with its own notion of an epoch, shard
+  or last-batch policy, which is where DALI loaders in other SSL trainers silently skip or repeat samples.
 - Every random choice of a step (crop window, flip, jitter, grayscale, blur, solarize) is drawn on the
   host from a generator seeded with (seed, epoch, step) and fed with the images; the graphs hold no
   random operators. A step's views are thus a function of the step: resuming at `start_step` gives the
