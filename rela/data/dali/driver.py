@@ -357,7 +357,11 @@ class FedPipeline:
             self.in_flight.appendleft(step)
             raise _StepFailed(step, err) from None
         try:
-            return step, [self._to_torch(out) for out in outputs]
+            tensors = [self._to_torch(out) for out in outputs]
+            if self._copy_stream is not None:
+                # The step's kernels wait for the copies on the device; the host goes on at once.
+                torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+            return step, tensors
         finally:
             self.pipe.release_outputs()
 
@@ -414,14 +418,13 @@ class FedPipeline:
         shape, dtype = tensor.shape(), to_torch_type[tensor.dtype]
         if self._copy_stream is None:
             return feed_ndarray(tensor, torch.empty(shape, dtype=dtype))
-        consumer = torch.cuda.current_stream(self.device)
+        # DALI reuses its buffer once released. Given a stream, feed_ndarray copies without blocking and
+        # makes DALI's own stream wait for the copy (DALI's copy_to_external: the source's order waits on
+        # the copy's), so the buffer is not written again before the copy has read it, with no host sync.
         with torch.cuda.stream(self._copy_stream):
             out = torch.empty(shape, dtype=dtype, device=self.device)
             feed_ndarray(tensor, out, cuda_stream=self._copy_stream)
-        out.record_stream(consumer)
-        # DALI reuses the buffer once released, so the copy must be done first. The copy stream is
-        # private: this waits for the copy only, not for the training step queued on `consumer`.
-        self._copy_stream.synchronize()
+        out.record_stream(torch.cuda.current_stream(self.device))  # freed only once the step has used it
         return out
 
 
