@@ -327,7 +327,8 @@ def _run_folder(cfg: Config, dist: dist_utils.DistInfo) -> Path:
     if cfg.resume is None and latest_checkpoint(run_dir) is not None:
         raise RelaError(f"{run_dir} already holds a run's checkpoints: --resume auto continues it; "
                         "pass another --out for a new run")
-    if cfg.resume is None and (foreign := _foreign_files(run_dir)):
+    fresh = cfg.resume is None or (cfg.resume == "auto" and latest_checkpoint(run_dir) is None)
+    if fresh and (foreign := _foreign_files(run_dir)):
         raise RelaError(f"--out {run_dir} is not empty and is not a run folder of rela.train (it holds "
                         f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): pass a new or empty folder")
     problem = None

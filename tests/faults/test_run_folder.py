@@ -25,10 +25,13 @@ def test_a_folder_of_foreign_files_is_refused_and_left_as_it_was(tmp_path, capsy
     theirs = {"config.json": '{"lr": 0.1, "model": "mine"}\n', "metrics.jsonl": '{"epoch": 1}\n', "notes.txt": "x"}
     for name, text in theirs.items():
         (out / name).write_text(text)
-    assert main([*FAST_ARGS, "--prior", "none", "--out", str(out), "--bank-dir", str(tmp_path / "banks")]) == 1
-    [line] = error_lines(capsys.readouterr().err)
-    assert line == (f"rela.train: error: --out {out} is not empty and is not a run folder of rela.train (it holds "
-                    "config.json (not a config of rela.train), metrics.jsonl, notes.txt): pass a new or empty folder")
+    for resume in ([], ["--resume", "auto"]):  # a first --resume auto starts afresh: refused alike
+        assert main([*FAST_ARGS, "--prior", "none", "--out", str(out), "--bank-dir", str(tmp_path / "banks"),
+                     *resume]) == 1
+        [line] = error_lines(capsys.readouterr().err)
+        assert line == (f"rela.train: error: --out {out} is not empty and is not a run folder of rela.train (it "
+                        "holds config.json (not a config of rela.train), metrics.jsonl, notes.txt): pass a new or "
+                        "empty folder")
     assert {p.name: p.read_text() for p in out.iterdir()} == theirs
 
 
