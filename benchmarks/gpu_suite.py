@@ -1,4 +1,8 @@
-"""First contact with a GPU: every check and benchmark that needs one, in one command, in under ten minutes.
+"""Every check and benchmark that needs a GPU, DALI's included, in one command, in under ten minutes.
+
+The second GPU session's command: the first runs benchmarks/gpu_first_contact.sh (no DALI, nothing carried,
+six files). This suite writes more files than the 8 a device call brings back, so the call that runs it packs
+DIR into one .tgz (the command benchmarks/prepare_gpu_run.sh prints).
 
     python benchmarks/gpu_suite.py --out DIR [--install [--wheels DIR]]   # on a bare one-GPU machine
     python benchmarks/gpu_suite.py --out DIR --tiny           # the same steps on the CPU, small, in minutes

@@ -32,8 +32,10 @@ bash ../shared/device/dali-chunks.sh
 n=$(ls -d .dali-* | wc -l)
 echo
 echo "To save one call (each costs device time), make the last DALI call and the suite's one call instead of"
-echo "two: the first $((n - 1)) calls as printed above, then (JSON under \$OUT/suite; commit it under benchmarks/results/):"
+echo "two: the first $((n - 1)) calls as printed above, then (the suite's folder, weights left out, comes back as"
+echo "\$OUT/suite.tgz: a call brings back at most 8 files and the suite writes more; commit its JSON under benchmarks/results/):"
 echo "  run carry=[\".dali-$n\", \".whl\"] timeout_s=600 command: cp .dali-$n/part-* /tmp/dali/ &&" \
      "cat /tmp/dali/part-* | tar -x -C /tmp/dali && python3 -m pip install -q --no-index --no-deps --no-compile" \
      "--target /tmp/site /tmp/dali/whl/*.whl && export PYTHONPATH=/tmp/site RELA_COMMIT=$commit &&" \
-     "python3 benchmarks/gpu_suite.py --install --wheels .whl --budget-s 540 --out \$OUT/suite"
+     "python3 benchmarks/gpu_suite.py --install --wheels .whl --budget-s 540 --out /tmp/suite;" \
+     "tar -czf \$OUT/suite.tgz --exclude='*.pt' --exclude='*.safetensors' -C /tmp suite"
