@@ -29,6 +29,7 @@ from rela.methods.learner import Learner
 from rela.methods.rela import PhaseController, RelaMap
 from rela.methods.registry import build_method
 from rela.models.backbones import build_backbone
+from rela.ops._dispatch import use_kernels
 from rela.optim import build_optimizer, learning_rate
 from rela.prior.specs import load_prior
 from rela.prior.target_bank import TargetBank, agreed_fingerprint, prepare_target_bank
@@ -135,6 +136,11 @@ def build_run(cfg: Config, dist: DistInfo, device: torch.device, run_dir: Path, 
     autocast_dtype = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")) else None
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
     fused = {"auto": None, "on": True, "off": False}[cfg.fused_ops]
+    if fused:
+        try:
+            use_kernels(True, device)
+        except RuntimeError as err:  # no Triton, or CPU tensors without the interpreter: one line, before any work
+            raise RelaError(f"--fused-ops on: {err}") from None
 
     splits = load_dataset(cfg.dataset, cfg.data, split_seed=cfg.seed, val_fraction=cfg.val_fraction)
     sampler = BudgetSampler(len(splits.train), cfg.budget, micro_batch, seed=cfg.seed, rank=dist.rank,

@@ -42,3 +42,16 @@ def test_zero_epochs_is_refused(tmp_path, capsys):
     line = run_trainer(capsys, tmp_path, *FAST_ARGS, "--epochs", "0").error_line
     assert line == "rela.train: error: --epochs must be an integer >= 1, got 0"
     assert not any((tmp_path / "run").glob("*")), "a refused run writes nothing"
+
+
+def test_fused_ops_on_without_the_kernels_is_one_line(tmp_path, capsys, monkeypatch):
+    """--fused-ops on where the kernels cannot run (here: rela.kernels fails to import) stops before any work."""
+    import rela.ops._dispatch as dispatch
+    from rela.train import main
+
+    monkeypatch.setattr(dispatch, "HAVE_TRITON", False)
+    monkeypatch.setattr(dispatch, "KERNELS_IMPORT_ERROR", "ModuleNotFoundError: No module named 'triton'")
+    assert main([*FAST_ARGS, "--fused-ops", "on", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("rela.train: error: --fused-ops on: fused=True (--fused-ops on) needs the Triton kernels"), err
+    assert "No module named 'triton'" in err and "Traceback" not in err

@@ -14,11 +14,11 @@ from builders import FAST_ARGS
 
 REPO = Path(__file__).resolve().parents[2]
 
-# 2 epochs of 9 steps; the RELA phase ends at step 7, mid-epoch; checkpoints at 4, 8, 9 (epoch end), 12,
-# 16 and 18. Deterministic, so a resumed run must end with the uninterrupted run's exact weights.
+# 2 epochs of 8 steps; the RELA phase ends at step 6, mid-epoch; checkpoints at 4, 8 (epoch end), 12 and
+# 16 (epoch end). Deterministic, so a resumed run must end with the uninterrupted run's exact weights.
 ARGS = [*FAST_ARGS, "--epochs", "2", "--budget", "0.1", "--prior", "rand", "--rela-phase", "0.4", "--deterministic",
         "--ckpt-every", "4", "--log-every", "3", "--no-monitor", "--bank-batch-size", "64"]
-HAND_OVER_STEP, TOTAL_STEPS = 7, 18
+HAND_OVER_STEP, TOTAL_STEPS = 6, 16
 
 
 def train_process(*args: str, faults: dict[str, str] | None = None, cwd: Path | None = None,

@@ -29,7 +29,7 @@ def flip_a_byte_of_the_largest_tensor(path: Path) -> None:
 
 
 def copy_of_finished_run(uninterrupted: Path, tmp_path: Path) -> Path:
-    """The uninterrupted run's folder as a killed run would leave it: checkpoints at 16 and 18, no results."""
+    """The uninterrupted run's folder as a killed run would leave it: checkpoints at 12 and 16, no results."""
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
     (out / "summary.json").unlink()
@@ -41,20 +41,20 @@ def test_a_flipped_byte_in_the_latest_checkpoint_is_named_and_the_run_resumes_fr
         tmp_path, uninterrupted, capsys):
     """torch.load would read this file without complaint: the archive's CRC-32s catch it."""
     out = copy_of_finished_run(uninterrupted, tmp_path)
-    latest = out / "checkpoints" / "ckpt-000000018.pt"
+    latest = out / "checkpoints" / "ckpt-000000016.pt"
     flip_a_byte_of_the_largest_tensor(latest)
     args = [*ARGS, "--bank-dir", str(uninterrupted.parent / "banks"), "--out", str(out), "--resume", "auto"]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert f"warning: {latest} is damaged: its member " in err and "fails its CRC-32 check" in err, err[-3000:]
-    assert f"resumed from {out / 'checkpoints' / 'ckpt-000000016.pt'} at step 16" in err
+    assert f"resumed from {out / 'checkpoints' / 'ckpt-000000012.pt'} at step 12" in err
     assert_ends_like(out, uninterrupted)
 
 
 def test_a_truncated_latest_checkpoint_is_named_and_passed_over_and_none_intact_is_an_error(tmp_path,
                                                                                             uninterrupted):
     out = copy_of_finished_run(uninterrupted, tmp_path)
-    latest, before = (out / "checkpoints" / f"ckpt-0000000{s}.pt" for s in (18, 16))
+    latest, before = (out / "checkpoints" / f"ckpt-0000000{s}.pt" for s in (16, 12))
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
     warnings = []
     assert latest_intact_checkpoint(out, warn=warnings.append) == before

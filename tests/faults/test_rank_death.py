@@ -24,6 +24,6 @@ def test_a_rank_killed_under_torchrun_is_restarted_and_the_group_resumes_from_th
     assert "(exitcode: -9) local_rank: 1" in result.stderr, result.stderr[-4000:]  # the first attempt's death
     assert f"resumed from {out / 'checkpoints' / 'ckpt-000000004.pt'} at step 4" in result.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["train_steps"] == 18 and summary["replica_weights_identical"]
+    assert summary["world_size"] == 2 and summary["train_steps"] == 16 and summary["replica_weights_identical"]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))

@@ -15,7 +15,7 @@ def test_resume_with_a_changed_trajectory_option_is_refused_naming_it(tmp_path, 
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
     (out / "summary.json").unlink()
-    checkpoint = out / "checkpoints" / "ckpt-000000018.pt"
+    checkpoint = out / "checkpoints" / "ckpt-000000016.pt"
     saved = checkpoint.read_bytes()
     args = [*ARGS, "--bank-dir", str(tmp_path / "banks"), "--out", str(out), "--resume", "auto", option, after]
     assert main(args) == 1
