@@ -68,7 +68,7 @@ if __package__ in (None, ""):
 from benchmarks.loader import batches_forever, take  # noqa: E402
 from benchmarks.prior import interleaved  # noqa: E402
 from benchmarks.timing import environment, print_table, time_fn, write_json  # noqa: E402
-from rela.config import METHOD_NAMES, PRESETS, Config, resolve_config  # noqa: E402
+from rela.config import METHOD_NAMES, PRESETS, Config  # noqa: E402
 from rela.data.datasets import DATASETS, load_dataset  # noqa: E402
 from rela.data.factory import build_image_source, choose_loader  # noqa: E402
 from rela.data.loader import TrainBatch  # noqa: E402
@@ -76,6 +76,7 @@ from rela.errors import RelaError  # noqa: E402
 from rela.models.backbones import build_backbone  # noqa: E402
 from rela.prior.specs import load_prior  # noqa: E402
 from rela.ops._dispatch import kernels_unavailable_reason  # noqa: E402
+from rela.options import resolve_config  # noqa: E402
 from rela.prior.target_bank import TargetBank, prior_encoder, prior_precision  # noqa: E402
 from rela.run import build_networks, build_run, build_target_bank, center_crop_fraction, peak_learning_rate  # noqa: E402
 from rela.step import train_step  # noqa: E402

@@ -1,8 +1,8 @@
-"""All options in one dataclass. The command line is generated from it; presets fill what the user
-did not set, per dataset (or `--preset`)."""
+"""All options in one dataclass, with their help, choices and bounds; the presets per dataset (or `--preset`)
+and the reference recipe that fill what the user did not set. rela/options.py generates the command line from
+the dataclass and applies these layers."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import typing
@@ -206,7 +206,7 @@ PRESETS["cifar100"] = PRESETS["cifar10"]
 
 # The reference code's choices (LINs-lab/ReLA: main.py's defaults, methods/byol.py, boostor/rela.py,
 # metrics/lineareval.py). Applied over the preset, under the user's own flags. Its lr is absolute (1e-3
-# at any batch size): --lr is per 256 images here, so it is converted in resolve_config.
+# at any batch size): --lr is per 256 images here, so rela/options.py converts it (reference_recipe).
 REFERENCE_RECIPE: dict[str, Any] = dict(
     optimizer="adamw", weight_decay=0.01, warmup_epochs=0.0, lr_schedule="constant", base_momentum=0.99,
     momentum_schedule="constant", proj_hidden=0, proj_dim=256, rela_map_bias=True, rela_views="reference",
@@ -214,89 +214,17 @@ REFERENCE_RECIPE: dict[str, Any] = dict(
 REFERENCE_LR = 1e-3
 
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m rela.train",
-        description="Train a backbone with BYOL, accelerated by RELA (static targets from a frozen prior). "
-                    "Options not given take the preset of the dataset (see --preset).",
-        allow_abbrev=False)
-    hints = typing.get_type_hints(Config)  # the annotations are strings (postponed evaluation)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"default": None, "help": f.metadata["help"], "dest": f.name}
-        if f.metadata["choices"]:
-            kwargs["choices"] = f.metadata["choices"]
-        value_type = _value_type(hints[f.name])
-        if value_type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif value_type in (int, float, str):
-            parser.add_argument(flag, type=value_type, **kwargs)
-        else:
-            raise TypeError(f"Config.{f.name}: no command-line form for {hints[f.name]}")
-    return parser
-
-
-def _value_type(hint: Any) -> Any:
+def value_type(hint: Any) -> Any:
     """What an option's value is when given: `int | None` -> int, `bool` -> bool."""
     given = [arg for arg in typing.get_args(hint) if arg is not type(None)]
     return given[0] if len(given) == 1 else hint
 
 
-def parse_config(argv: list[str] | None = None) -> Config:
-    """The options from the command line, over --config FILE's (rela/config_files.py); --print-config prints
-    them with their sources and exits, as --help does."""
-    from rela.config_files import format_config, load_config_file, option_sources
-
-    parser = build_parser()
-    parser.add_argument("--config", default=None, metavar="FILE",
-                        help="options from a YAML or JSON file (a run's config.json repeats it); flags override it")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved options and where each came from (default, preset, recipe, "
-                             "file, flag), as YAML that --config reads, and exit")
-    args = vars(parser.parse_args(argv))
-    config_file, print_config = args.pop("config"), args.pop("print_config")
-    given = {k: v for k, v in args.items() if v is not None}
-    file_values = load_config_file(config_file) if config_file else {}
-    cfg = resolve_config({**file_values, **given})
-    if print_config:
-        print(format_config(cfg, option_sources(file_values, given, config_file)))
-        raise SystemExit(0)
-    return cfg
-
-
-def resolve_config(given: dict[str, Any]) -> Config:
-    """Dataclass defaults, then the preset, then the recipe, then what the user gave."""
-    unknown = set(given) - {f.name for f in dataclasses.fields(Config)}
-    if unknown:
-        raise RelaError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    dataset = given.get("dataset", Config.dataset)
-    preset = given.get("preset") or dataset
-    if preset not in PRESETS:
-        raise RelaError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    values = {**PRESETS[preset], "preset": preset}
-    method = given.get("method", Config.method)
-    if method not in METHOD_NAMES:
-        raise RelaError(f"unknown --method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
-    from rela.methods.registry import method_defaults  # torch and the methods: not at import time
-    values.update(method_defaults(method, preset))
-    if given.get("recipe") == "reference":
-        from rela.methods.registry import method_reference_recipe
-        batch_size = given.get("batch_size", values.get("batch_size", Config.batch_size))
-        image_size = given.get("image_size", values.get("image_size", Config.image_size))
-        values.update(REFERENCE_RECIPE, lr=REFERENCE_LR * 256 / batch_size, byol_blur=image_size > 32)
-        values.update(method_reference_recipe(method))
-    values.update(given)
-    cfg = Config(**values)
-    validate(cfg)
-    return cfg
-
-
 def numeric_options() -> dict[str, type]:
     """Config's int and float options (bools are not numbers here), by name: each declares its bounds."""
     hints = typing.get_type_hints(Config)
-    return {f.name: _value_type(hints[f.name]) for f in dataclasses.fields(Config)
-            if _value_type(hints[f.name]) in (int, float)}
+    return {f.name: value_type(hints[f.name]) for f in dataclasses.fields(Config)
+            if value_type(hints[f.name]) in (int, float)}
 
 
 def check_bounds(cfg: Config) -> None:

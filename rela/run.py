@@ -27,7 +27,7 @@ from rela.eval.monitor import KnnMonitor
 from rela.methods.byol import target_momentum
 from rela.methods.learner import Learner
 from rela.methods.rela import PhaseController, RelaMap
-from rela.methods.registry import build_method
+from rela.methods.registry import build_method, method_class
 from rela.models.backbones import build_backbone
 from rela.ops._dispatch import use_kernels
 from rela.optim import build_optimizer, learning_rate
@@ -148,7 +148,8 @@ def build_run(cfg: Config, dist: DistInfo, device: torch.device, run_dir: Path, 
     # Views leave the loader in the autocast dtype (bf16 on CUDA) and layout the model wants.
     normalize = Normalize(splits.mean, splits.std, device, dtype=autocast_dtype or torch.float32,
                           channels_last=channels_last)
-    loaders = create_loaders(cfg, splits, sampler, normalize, device, seed=cfg.seed * 7919 + dist.rank)
+    loaders = create_loaders(cfg, splits, sampler, normalize, device, seed=cfg.seed * 7919 + dist.rank,
+                             method_views=method_class(cfg.method).views)
     crop_fraction = center_crop_fraction(splits)
     log.info(f"{cfg.dataset}: {len(splits.train)} train / {len(splits.val)} val images, {splits.num_classes} "
              f"classes; {dist.world_size} rank(s) on {device}; loader {'dali' if loaders.use_dali else 'torch'}")

@@ -18,9 +18,10 @@ from typing import Iterator
 
 import torch
 
-from rela.config import Config, config_to_dict, parse_config
+from rela.config import Config, config_to_dict
 from rela.data.interfaces import TrainBatch
 from rela.errors import RelaError
+from rela.options import parse_config
 from rela.plots import write_curves_logged
 from rela.prior.specs import code_warning
 from rela.run import Run, build_run, configure_backends, pick_device, wrap_for_ranks

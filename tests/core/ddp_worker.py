@@ -7,9 +7,9 @@ import sys
 
 import torch
 
-from rela.config import resolve_config
 from rela.data.views import Normalize
 from rela.eval.features import extract_features
+from rela.options import resolve_config
 from rela.run import build_run
 from rela.utils import distributed as dist_utils
 from rela.utils.progress import RunLog

@@ -110,8 +110,8 @@ def test_the_run_is_released_before_the_process_group_goes(tmp_path, monkeypatch
     import gc
 
     import rela.train as train_module
-    from rela.config import parse_config
     from rela.methods.learner import Learner
+    from rela.options import parse_config
 
     alive_at_shutdown = []
 

@@ -17,7 +17,7 @@ import statistics
 import pytest
 
 from builders import training_rows
-from rela.config import parse_config
+from rela.options import parse_config
 from rela.train import evaluate_untrained, main
 
 ARGS = ["--dataset", "mnist5k", "--device", "cpu", "--prior", "rand", "--rela-phase", "0.5", "--seed", "0", "--no-curves",

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from builders import FAST_ARGS, training_rows
-from rela.config import parse_config
 from rela.eval.linear_probe import linear_probe_reference
+from rela.options import parse_config
 from rela.train import main
 from rela.utils.checkpoint import latest_checkpoint
 
@@ -88,12 +88,14 @@ def test_views_options_reach_both_loaders(loader):
     from rela.data.datasets import load_dataset
     from rela.data.factory import create_loaders
     from rela.data.views import RELA_VIEW, RELA_VIEW_REFERENCE, Normalize
+    from rela.methods.registry import method_class
 
     def views(*flags: str):
         cfg = parse_config(["--device", "cpu", "--loader", loader, "--workers", "1", *flags])
         splits = load_dataset(cfg.dataset, None)
         made = create_loaders(cfg, splits, BudgetSampler(len(splits.train), 0.2, 16, seed=0),
-                              Normalize(splits.mean, splits.std, torch.device("cpu")), torch.device("cpu"), seed=0)
+                              Normalize(splits.mean, splits.std, torch.device("cpu")), torch.device("cpu"), seed=0,
+                              method_views=method_class(cfg.method).views)
         made.train_loader.set_view_mode("rela")
         rela = made.train_loader.views
         made.train_loader.set_view_mode("byol")

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from builders import FAST_ARGS, training_rows
-from rela.config import config_to_dict, parse_config
+from rela.config import config_to_dict
 from rela.errors import RelaError
+from rela.options import parse_config
 from rela.train import main
 from rela.utils.checkpoint import check_resumable, latest_checkpoint
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from builders import FAST_ARGS, training_rows, write_imagefolder
-from rela.config import parse_config
+from rela.options import parse_config
 from rela.train import evaluate_untrained, main
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,7 +22,7 @@ from rela.data.dali import driver  # noqa: E402
 from rela.data.dali.pipelines import decoder_args  # noqa: E402
 from rela.data.datasets import ArrayImages, FileImages  # noqa: E402
 from rela.data.loader import TorchImageSource, TorchTrainLoader  # noqa: E402
-from rela.data.views import Normalize  # noqa: E402
+from rela.data.views import BYOL_VIEWS, Normalize  # noqa: E402
 
 CPU = torch.device("cpu")
 DEVICES = [pytest.param(CPU, id="cpu"), pytest.param(torch.device("cuda", 0), id="cuda", marks=pytest.mark.gpu)]
@@ -70,7 +70,7 @@ def test_create_loaders_passes_the_training_set_to_the_choice(monkeypatch):
     splits = DatasetSplits(train=arrays, val=arrays, num_classes=2, mean=(0.5,) * 3, std=(0.25,) * 3,
                            native_size=8)
     factory.create_loaders(dataclasses.replace(Config(), workers=0), splits, BudgetSampler(8, 1.0, 4, seed=0),
-                           Normalize((0.5,) * 3, (0.25,) * 3, CPU), CPU, seed=0)
+                           Normalize((0.5,) * 3, (0.25,) * 3, CPU), CPU, seed=0, method_views=BYOL_VIEWS)
     assert seen == [arrays]
 
 

@@ -17,7 +17,7 @@ from rela.data.budget import BudgetSampler  # noqa: E402
 from rela.data.dali import DaliImageSource, DaliTrainLoader  # noqa: E402
 from rela.data.datasets import ArrayImages, DatasetSplits  # noqa: E402
 from rela.data.loader import TorchImageSource, TorchTrainLoader  # noqa: E402
-from rela.data.views import Normalize  # noqa: E402
+from rela.data.views import BYOL_VIEWS, Normalize  # noqa: E402
 from rela.errors import RelaError  # noqa: E402
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)  # choose_loader only reads the device's type
@@ -55,7 +55,8 @@ def test_create_loaders_builds_the_chosen_loader(loader, source_type, loader_typ
     splits = DatasetSplits(train, train, 4, (0.5,) * 3, (0.25,) * 3, native_size=20)
     cfg = _cfg(loader=loader, image_size=16, workers=1, rela_crop_min_scale=0.5, byol_crop_min_scale=0.3)
     sampler = BudgetSampler(n, 1.0, 8, seed=0)
-    made = factory.create_loaders(cfg, splits, sampler, Normalize(splits.mean, splits.std, CPU), CPU, seed=4)
+    made = factory.create_loaders(cfg, splits, sampler, Normalize(splits.mean, splits.std, CPU), CPU, seed=4,
+                                  method_views=BYOL_VIEWS)
     assert made.use_dali is (loader == "dali")
     assert type(made.train_source) is source_type and type(made.train_loader) is loader_type
     assert made.train_source.dataset is train and made.train_source.device == CPU

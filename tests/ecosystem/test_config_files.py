@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rela.config import Config, parse_config
+from rela.config import Config
 from rela.errors import RelaError
+from rela.options import parse_config
 from rela.train import main
 
 REPO = Path(__file__).resolve().parents[2]

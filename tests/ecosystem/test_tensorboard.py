@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rela.config import parse_config
 from rela.errors import RelaError
+from rela.options import parse_config
 from rela.utils.progress import RunLog
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")

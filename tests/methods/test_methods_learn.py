@@ -16,7 +16,8 @@ import statistics
 import pytest
 
 from builders import training_rows
-from rela.config import METHOD_NAMES, parse_config
+from rela.config import METHOD_NAMES
+from rela.options import parse_config
 from rela.train import evaluate_untrained, main
 
 ARGS = ["--dataset", "mnist5k", "--device", "cpu", "--prior", "none", "--epochs", "6", "--seed", "0",

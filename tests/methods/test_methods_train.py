@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from builders import FAST_ARGS, training_rows
-from rela.config import METHOD_NAMES, parse_config
+from rela.config import METHOD_NAMES
 from rela.data.interfaces import TrainBatch
 from rela.methods.learner import Learner
 from rela.methods.registry import METHODS, build_method
 from rela.models.backbones import build_backbone
 from rela.optim import build_optimizer
+from rela.options import parse_config
 from rela.step import make_ema_updater, train_step
 from rela.train import main
 

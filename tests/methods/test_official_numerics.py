@@ -17,7 +17,6 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from builders import FAST_ARGS
-from rela.config import parse_config
 from rela.data.interfaces import TrainBatch
 from rela.methods.barlowtwins import barlow_twins_loss
 from rela.methods.dino import Dino, teacher_temperature
@@ -27,6 +26,7 @@ from rela.methods.registry import build_method
 from rela.methods.simclr import nt_xent_loss
 from rela.methods.vicreg import vicreg_loss
 from rela.models.backbones import build_backbone
+from rela.options import parse_config
 from rela.step import make_ema_updater, train_step
 from rela.train import main
 

@@ -11,9 +11,9 @@ import rela.methods.dino
 import rela.methods.mocov3
 import rela.methods.simclr
 import rela.methods.vicreg
-from rela.config import parse_config
 from rela.methods.registry import build_method
 from rela.models.backbones import build_backbone
+from rela.options import parse_config
 
 SMALL = ["--proj-hidden", "32", "--proj-dim", "16", "--dino-out-dim", "64"]
 

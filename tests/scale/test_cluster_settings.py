@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from builders import FAST_ARGS
-from rela.config import parse_config
+from rela.options import parse_config
 from rela.train import main
 from rela.utils import distributed as dist_utils
 from rela.utils import locks
