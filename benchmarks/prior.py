@@ -16,7 +16,6 @@ result row repeats it. Reports, never asserts.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ import torchvision
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.timing import environment, print_table, time_fn, write_json  # noqa: E402
+from benchmarks.timing import environment, interleaved, print_table, write_json  # noqa: E402
 from rela.prior.raw_features import build_raw_features  # noqa: E402
 from rela.prior.target_bank import prior_encoder, prior_precision  # noqa: E402
 
@@ -67,23 +66,6 @@ def naive_build(encode, load_batch, num_rows: int, batch_size: int, path: Path) 
             indices = torch.arange(start, min(num_rows, start + batch_size))
             outputs.append(encode(load_batch(indices)).cpu())
     torch.save(torch.cat(outputs).float(), path)
-
-
-def interleaved(methods: dict, rounds: int, device: torch.device) -> dict[str, dict]:
-    """Times every method once per round, round-robin after one warm-up each, so that a change of load on a
-    shared machine hits all of them alike. methods: name -> (fn, repeats per round, whose median is a sample)."""
-    samples = {name: [] for name in methods}
-    for fn, _ in methods.values():
-        fn()
-    for _ in range(rounds):
-        for name, (fn, repeats) in methods.items():
-            samples[name].append(time_fn(fn, device=device, warmup=0, repeats=repeats)["median_ms"])
-    summary = {}
-    for name, times in samples.items():
-        times = sorted(times)
-        summary[name] = {"median_ms": statistics.median(times), "p10_ms": times[int(0.1 * (len(times) - 1))],
-                         "p90_ms": times[int(0.9 * (len(times) - 1))], "repeats": len(times)}
-    return summary
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,8 @@
 """One timing helper for every benchmark: warm-up, many repeats, the median.
 
-On CUDA each repeat is timed with CUDA events; on the CPU with perf_counter. A benchmark reports, it
-never asserts a speed.
+On CUDA each repeat is timed with CUDA events; on the CPU with perf_counter. `interleaved` times several
+methods round-robin, so that a change of load on a shared machine hits all of them alike. A benchmark
+reports, it never asserts a speed.
 """
 from __future__ import annotations
 
@@ -46,6 +47,23 @@ def time_fn(fn: Callable[[], object], *, device: torch.device | str, warmup: int
         "p90_ms": times_ms[int(0.9 * (len(times_ms) - 1))],
         "repeats": repeats,
     }
+
+
+def interleaved(methods: dict, rounds: int, device: torch.device) -> dict[str, dict]:
+    """Times every method once per round, round-robin after one warm-up each, so that a change of load on a
+    shared machine hits all of them alike. methods: name -> (fn, repeats per round, whose median is a sample)."""
+    samples = {name: [] for name in methods}
+    for fn, _ in methods.values():
+        fn()
+    for _ in range(rounds):
+        for name, (fn, repeats) in methods.items():
+            samples[name].append(time_fn(fn, device=device, warmup=0, repeats=repeats)["median_ms"])
+    summary = {}
+    for name, times in samples.items():
+        times = sorted(times)
+        summary[name] = {"median_ms": statistics.median(times), "p10_ms": times[int(0.1 * (len(times) - 1))],
+                         "p90_ms": times[int(0.9 * (len(times) - 1))], "repeats": len(times)}
+    return summary
 
 
 def current_commit() -> str:

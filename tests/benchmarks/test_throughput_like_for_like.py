@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-import benchmarks.throughput as throughput
-from benchmarks.throughput import PriorForward, StepSetup, SupervisedStep, TrainerStep
+import benchmarks.throughput_steps as throughput_steps
+from benchmarks.throughput_steps import PriorForward, StepSetup, SupervisedStep, TrainerStep
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_STEPS = {"supervised", "byol", "rela"}
@@ -37,15 +37,15 @@ def test_supervised_step_runs_as_the_trainer_steps_do():
 
 def test_prior_forward_runs_at_the_target_banks_precision(monkeypatch):
     """Where the bank runs its prior in bf16 on channels_last (CUDA), so does the timed forward."""
-    monkeypatch.setattr(throughput, "prior_precision", lambda device: "bf16")
+    monkeypatch.setattr(throughput_steps, "prior_precision", lambda device: "bf16")
     setup = gpu_like_setup()
     batch = TrainerStep(setup, torch.device("cpu"), fused=False).batch
     prior = PriorForward(setup, torch.device("cpu"), batch)
     assert prior.precision == "bf16"
     assert (prior.settings["precision"], prior.settings["channels_last"], prior.settings["compiled"]) == ("bf16", True, False)
-    row = throughput.step_row(setup, "prior forward", None, {"median_ms": 1.0, "p10_ms": 1.0, "p90_ms": 1.0,
-                                                             "repeats": 1}, settings=prior.settings)
-    check = throughput.like_for_like([row], torch.device("cpu"))[0]["prior_forward"]
+    timing = {"median_ms": 1.0, "p10_ms": 1.0, "p90_ms": 1.0, "repeats": 1}
+    row = throughput_steps.step_row(setup, "prior forward", None, timing, settings=prior.settings)
+    check = throughput_steps.like_for_like([row], torch.device("cpu"))[0]["prior_forward"]
     assert check["same"] and check["target_bank"] == {"precision": "bf16", "channels_last": True}
 
 

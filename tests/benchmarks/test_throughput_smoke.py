@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.throughput import (PlannedRun, StepSetup, group_label, median_time, paired_interval, plan_runs,
-                                   project_imagenet, run_name, time_to_target)
+from benchmarks.throughput_projection import project_imagenet
+from benchmarks.throughput_runs import (PlannedRun, group_label, median_time, paired_interval, plan_runs, run_name,
+                                        time_to_target)
+from benchmarks.throughput_steps import StepSetup
 from rela.config import METHOD_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
