@@ -60,9 +60,10 @@ from benchmarks.throughput_projection import PROJECTION_SIZE, project_imagenet, 
 from benchmarks.throughput_report import announce, payload_header, report, write_outputs  # noqa: E402
 from benchmarks.throughput_runs import bank_seconds_in_runs, compare_end_to_end  # noqa: E402
 from benchmarks.throughput_steps import StepSetup, fused_skip_reason, setup_from_config, step_throughput  # noqa: E402
-from rela.config import METHOD_NAMES, PRESETS, Config, resolve_config  # noqa: E402
+from rela.config import METHOD_NAMES, PRESETS, Config  # noqa: E402
 from rela.data.datasets import DATASETS, DatasetSplits, load_dataset  # noqa: E402
 from rela.errors import RelaError  # noqa: E402
+from rela.options import resolve_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

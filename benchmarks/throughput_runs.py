@@ -17,7 +17,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rela.config import Config, resolve_config
+from rela.config import Config
+from rela.options import resolve_config
 from rela.train import evaluate_untrained, run
 
 

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.timing import interleaved
-from rela.config import Config, resolve_config
+from rela.config import Config
 from rela.data.loader import TrainBatch
 from rela.models.backbones import build_backbone
 from rela.ops._dispatch import kernels_unavailable_reason
+from rela.options import resolve_config
 from rela.prior.specs import load_prior
 from rela.prior.target_bank import TargetBank, prior_encoder, prior_precision
 from rela.run import build_networks, peak_learning_rate
