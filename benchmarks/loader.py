@@ -12,13 +12,13 @@ and times, on the same files and the same budget sampler:
   torch        rela.data.loader.TorchTrainLoader: workers decode to a square, views made on the device
 Each repeat takes a few batches (a fresh epoch when one runs out), enough to drain what a loader keeps
 buffered, so the median is the rate batches are made at, not the rate a buffer empties at.
-On a GPU it also trains a ResNet-50 BYOL step (bf16, channels_last) on each loader's batches and reports
-the fraction of wall time spent waiting for data (`--wait-model none` skips it). Reports, never asserts.
+On a GPU it also trains the trainer's own BYOL step (rela.step.train_step on the networks of the imagenet
+preset: ResNet-50, bf16, channels_last, compiled) on each loader's batches and reports the fraction of wall
+time spent waiting for data (`--wait-model none` skips it). Reports, never asserts.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import tempfile
@@ -32,11 +32,13 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.throughput_steps import TrainerStep, fused_skip_reason, setup_from_config  # noqa: E402
 from benchmarks.timing import environment, print_table, time_fn, write_json  # noqa: E402
 from rela.data.budget import BudgetSampler  # noqa: E402
 from rela.data.datasets import IMAGENET_MEAN, IMAGENET_STD, FileImages  # noqa: E402
-from rela.data.loader import TorchImageSource, TorchTrainLoader, default_decode_size  # noqa: E402
+from rela.data.loader import TorchImageSource, TorchTrainLoader, TrainBatch, default_decode_size  # noqa: E402
 from rela.data.views import BYOL_VIEWS, Normalize, ViewSpec, blur_kernel_size  # noqa: E402
+from rela.options import resolve_config  # noqa: E402
 
 IMAGE_SIZE = 224
 WIDTH, HEIGHT = 500, 375  # ImageNet's typical landscape frame
@@ -154,42 +156,26 @@ def make_loaders(files: FileImages, device: torch.device, batch_size: int, cores
     return loaders
 
 
-class _ByolStep:
-    """A BYOL training step on a ResNet-50: online network + predictor on both views, EMA target."""
+class TrainerByolStep:
+    """The trainer's own BYOL step (rela.step.train_step) on the networks `python -m rela.train --preset
+    imagenet --arch ARCH` builds at 224 px (benchmarks.throughput_steps.TrainerStep: its heads and LARS; bf16
+    autocast, channels_last and compiled on CUDA; the fused ops where they run), fed each loader's views. The
+    batch's indices and labels (the online probe's) are fixed: the step's speed does not depend on them."""
 
-    def __init__(self, arch: str, device: torch.device):
-        import torchvision
-
-        def mlp(d_in, d_out=256, hidden=4096):
-            return torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.BatchNorm1d(hidden),
-                                       torch.nn.ReLU(inplace=True), torch.nn.Linear(hidden, d_out))
-
-        backbone = getattr(torchvision.models, arch)()
-        features = backbone.fc.in_features
-        backbone.fc = torch.nn.Identity()
-        self.online = torch.nn.Sequential(backbone, mlp(features)).to(device, memory_format=torch.channels_last)
-        self.predictor = mlp(256).to(device)
-        self.target = copy.deepcopy(self.online).requires_grad_(False)
-        params = list(self.online.parameters()) + list(self.predictor.parameters())
-        self.optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
-        self.device = device
+    def __init__(self, arch: str, batch_size: int, num_classes: int, device: torch.device):
+        cfg = resolve_config({"dataset": "imagefolder", "preset": "imagenet", "arch": arch, "batch_size": batch_size,
+                              "image_size": IMAGE_SIZE})
+        precision = "bf16" if device.type == "cuda" else "fp32"  # the trainer's default, as the loaders' dtype
+        setup = setup_from_config(f"{arch}-{IMAGE_SIZE}px", cfg, precision, device, num_classes)
+        self.step = TrainerStep(setup, device, fused=fused_skip_reason(device) is None, preset="imagenet")
+        self.index = torch.arange(batch_size, device=device)
+        self.label = self.index % num_classes
 
     def __call__(self, view1: torch.Tensor, view2: torch.Tensor) -> None:
-        views = torch.cat([view1, view2])
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
-            p = torch.nn.functional.normalize(self.predictor(self.online(views)).float(), dim=1)
-            with torch.no_grad():
-                z = torch.nn.functional.normalize(self.target(views).float(), dim=1)
-        half = len(view1)
-        loss = (4 - 2 * (p[:half] * z[half:]).sum(1) - 2 * (p[half:] * z[:half]).sum(1)).mean()
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            torch._foreach_lerp_(list(self.target.parameters()), list(self.online.parameters()), 0.01)
+        self.step("byol", TrainBatch(view1, view2, self.index, self.label, views="byol"))
 
 
-def data_wait_fraction(batches, step: _ByolStep, warmup: int, steps: int, device: torch.device) -> dict:
+def data_wait_fraction(batches, step: TrainerByolStep, warmup: int, steps: int, device: torch.device) -> dict:
     """Trains `steps` BYOL steps on `batches`; the share of wall time the host spent blocked on data."""
     for _ in range(warmup):
         step(*next(batches))
@@ -214,8 +200,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="fewer images, batches and repeats")
     parser.add_argument("--images", type=int, default=None, help="JPEGs to generate (default 256 quick, 2048)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 32 quick, 64 on CPU, 256 on GPU")
-    parser.add_argument("--wait-model", default=None, help="torchvision model for the data-wait run "
-                        "(default resnet50 on a GPU, none on the CPU)")
+    parser.add_argument("--wait-model", default=None, help="backbone (rela.train --arch) that the trainer's BYOL "
+                        "step trains in the data-wait run (default resnet50 on a GPU, none on the CPU)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cores = os.cpu_count() or 1
@@ -236,14 +222,15 @@ def main(argv=None) -> dict:
         mean_kb = np.mean([os.path.getsize(files.path(i)) for i in range(len(files))]) / 1024
         print(f"{n_images} JPEGs {WIDTH}x{HEIGHT} q90 ({mean_kb:.0f} KiB each) written in "
               f"{time.perf_counter() - t0:.1f}s; batch {batch_size}, {cores} cores, {device}")
+        step = None if wait_model == "none" else TrainerByolStep(wait_model, batch_size,
+                                                                 int(files.labels.max()) + 1, device)
         for name, make in make_loaders(files, device, batch_size, cores, normalize).items():
             batches = make()
             timing = time_fn(lambda: take(batches, chunk), device=device, warmup=warmup, repeats=repeats)
             row = {"loader": name, "batch": batch_size, "batches_per_repeat": chunk, **timing,
                    "samples_per_s": chunk * batch_size / timing["median_ms"] * 1e3}
-            if wait_model != "none":
-                row.update(data_wait_fraction(make(), _ByolStep(wait_model, device), warmup * chunk,
-                                              repeats * chunk, device))
+            if step is not None:
+                row.update(data_wait_fraction(make(), step, warmup * chunk, repeats * chunk, device))
             rows.append(row)
             batches.close()
             print(f"  {name}: {row['samples_per_s']:.1f} samples/s")
@@ -258,6 +245,8 @@ def main(argv=None) -> dict:
     payload = {"benchmark": "loader", "question": "two-view 224 px BYOL samples/s from JPEG files",
                "environment": environment(device), "images": n_images, "image_size": [WIDTH, HEIGHT],
                "jpeg_quality": 90, "output_size": IMAGE_SIZE, "cores": cores, "wait_model": wait_model,
+               # what the data-wait step ran with, read off its networks (None: no data-wait run)
+               "wait_step": None if step is None else {**step.step.settings, "fused": step.step.fused},
                "quick": args.quick, "rows": rows}
     path = write_json(Path(args.out) / f"loader_{device.type}{'_quick' if args.quick else ''}.json", payload)
     print(f"wrote {path}")
