@@ -17,8 +17,9 @@ from benchmarks.timing import time_fn
 from rela.config import Config
 from rela.data.datasets import load_dataset
 from rela.data.factory import build_image_source, choose_loader
+from rela.eval.features import center_crop_fraction
 from rela.models.backbones import build_backbone
-from rela.run import build_run, build_target_bank, center_crop_fraction
+from rela.run import build_run, build_target_bank
 from rela.utils.distributed import DistInfo
 from rela.utils.progress import RunLog
 

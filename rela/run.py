@@ -10,7 +10,7 @@ import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from rela.data.factory import build_image_source, create_loaders
 from rela.data.interfaces import ImageSource, TrainLoader
 from rela.data.views import Normalize, resize_center_crop
 from rela.errors import RelaError
+from rela.eval.features import center_crop_fraction
 from rela.eval.monitor import KnnMonitor
 from rela.methods.byol import target_momentum
 from rela.methods.learner import Learner
@@ -34,7 +35,7 @@ from rela.optim import build_optimizer, learning_rate
 from rela.prior.specs import load_prior
 from rela.prior.target_bank import TargetBank, agreed_fingerprint, prepare_target_bank
 from rela.step import make_ema_updater
-from rela.utils.checkpoint import CheckpointWriter
+from rela.utils.checkpoint_files import CheckpointWriter
 from rela.utils.distributed import DistInfo, check_shared_folder
 from rela.utils.progress import RunLog
 
@@ -116,13 +117,13 @@ class Run:
         """elapsed_s without the kNN monitor's time: what a run without the monitor would have taken."""
         return self.elapsed_s() - self.state.monitor_s
 
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RelaError("--device cuda asked for, but torch sees no CUDA device")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    def stateful(self) -> dict[str, Any]:
+        """The objects whose state a checkpoint holds, by name (each has state_dict and load_state_dict): the
+        learner (online, target, map, probe), the optimiser, the phase controller and the loader (sampler and
+        augmentation RNG). With `state`, the step state, that is all a run needs to continue exactly;
+        rela/checkpoint.py saves and restores this list, nothing else."""
+        return {"learner": self.learner, "optimizer": self.optimizer, "controller": self.controller,
+                "loader": self.loader}
 
 
 def build_run(cfg: Config, dist: DistInfo, device: torch.device, run_dir: Path, log: RunLog,
@@ -178,11 +179,6 @@ def build_run(cfg: Config, dist: DistInfo, device: torch.device, run_dir: Path, 
                learner=learner, model=model, ema=ema, optimizer=optimizer, schedule=schedule,
                controller=controller, monitor=monitor, autocast_dtype=autocast_dtype, fused=fused, state=state,
                segment_start=start_time)
-
-
-def center_crop_fraction(splits: DatasetSplits) -> float:
-    """The centre crop of the prior's pass and of evaluation: small in-memory images keep their whole frame."""
-    return 1.0 if splits.in_memory else 0.875
 
 
 def build_target_bank(cfg: Config, splits: DatasetSplits, train_source: ImageSource, crop_fraction: float,

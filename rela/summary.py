@@ -5,15 +5,13 @@ from __future__ import annotations
 import time
 
 from rela.data.factory import build_image_source
-from rela.data.views import Normalize
-from rela.eval.features import extract_features
-from rela.eval.frozen import probe_and_knn
-from rela.models.export import write_backbone_safetensors
+from rela.eval.frozen import evaluate_frozen
+from rela.models.export import save_backbone, write_backbone_safetensors
 from rela.run import Run
 from rela.utils import distributed as dist_utils
-from rela.utils.checkpoint import atomic_torch_save, atomic_write_json, cpu_copy, write_errors_named
 from rela.utils.digest import state_digest
 from rela.utils.faults import kill_point
+from rela.utils.files import atomic_write_json, write_errors_named
 
 
 def skipped_on_every_rank(skipped: set[int], dist: dist_utils.DistInfo) -> set[int]:
@@ -33,19 +31,13 @@ def evaluate(run: Run) -> dict:
                    state_digest(run.learner, "buffers"), run.dist)}
     dist_utils.broadcast_buffers_(run.learner)
     start = time.time()
-    backbone = run.learner.backbone
     val_source = build_image_source(cfg, run.splits.val, run.device, run.use_dali)
-    common = dict(size=cfg.image_size, crop_fraction=run.crop_fraction,
-                  normalize=Normalize(run.splits.mean, run.splits.std, run.device), batch_size=cfg.eval_batch_size,
-                  dist=run.dist, autocast_dtype=run.autocast_dtype, show_progress=cfg.progress)
-    train_x, train_y = extract_features(backbone, run.train_source, **common)
-    val_x, val_y = extract_features(backbone, val_source, **common)
+    results = evaluate_frozen(run.learner.backbone, run.train_source, val_source, run.splits, cfg, dist=run.dist,
+                              autocast_dtype=run.autocast_dtype, protocols=[cfg.probe_protocol],
+                              # tests: a death during evaluation
+                              after_features=lambda: kill_point("evaluate", run.state.step))[cfg.probe_protocol]
     # Corrupt validation files (--skip-corrupt) are left out of the scores: counted, every rank's.
     skipped_val = skipped_on_every_rank(val_source.skipped, run.dist)
-    kill_point("evaluate", run.state.step)  # tests: a death during evaluation
-    results = probe_and_knn(train_x, train_y, val_x, val_y, run.splits.num_classes, protocol=cfg.probe_protocol,
-                            probe_epochs=cfg.probe_epochs, seed=cfg.seed, knn_k=cfg.knn_k,
-                            knn_temperature=cfg.knn_temperature)
     return {**results, "eval_s": time.time() - start, "skipped_corrupt_in_validation": len(skipped_val), **digests}
 
 
@@ -72,9 +64,8 @@ def write_summary(run: Run, results: dict) -> dict:
     if dist.is_main:
         kept = "the run's checkpoints are intact: --resume auto evaluates again and writes it"
         with write_errors_named(run.run_dir / "backbone.pt", kept):
-            atomic_torch_save({"arch": cfg.arch, "state_dict": cpu_copy(run.learner.backbone.state_dict()),
-                               "image_size": cfg.image_size, "mean": list(run.splits.mean),
-                               "std": list(run.splits.std)}, run.run_dir / "backbone.pt")
+            save_backbone(run.run_dir / "backbone.pt", run.learner.backbone, arch=cfg.arch, image_size=cfg.image_size,
+                          mean=run.splits.mean, std=run.splits.std)
         with write_errors_named(run.run_dir / "backbone.safetensors", kept):
             write_backbone_safetensors(run.run_dir / "backbone.pt")  # the same weights, for users without rela
         with write_errors_named(run.run_dir / "summary.json", kept):

@@ -18,19 +18,21 @@ from typing import Iterator
 
 import torch
 
+from rela.checkpoint import restore_checkpoint, save_checkpoint
 from rela.config import Config, config_to_dict
 from rela.data.interfaces import TrainBatch
 from rela.errors import RelaError
 from rela.options import parse_config
 from rela.plots import write_curves_logged
 from rela.prior.specs import code_warning
-from rela.run import Run, build_run, configure_backends, pick_device, wrap_for_ranks
+from rela.run import Run, build_run, configure_backends, wrap_for_ranks
 from rela.step import train_step
 from rela.summary import evaluate, write_summary
 from rela.utils import distributed as dist_utils
-from rela.utils.checkpoint import (atomic_write_json, latest_checkpoint, latest_intact_checkpoint, restore_checkpoint,
-                                   save_checkpoint, write_errors_named)
+from rela.utils.checkpoint_files import latest_checkpoint, latest_intact_checkpoint
+from rela.utils.device import pick_device
 from rela.utils.faults import kill_point, poisoned_lr
+from rela.utils.files import atomic_write_json, write_errors_named
 from rela.utils.locks import lock_run_folder
 from rela.utils.nonfinite import NonFiniteLossGuard
 from rela.utils.signals import EXIT_REQUEUE, StopRequested, defer_signals, stop_due, stop_on_signals

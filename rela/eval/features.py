@@ -5,10 +5,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from rela.data.datasets import DatasetSplits
 from rela.data.interfaces import ImageSource
 from rela.data.views import Normalize, resize_center_crop
 from rela.utils import distributed as dist_utils
 from rela.utils.progress import Progress
+
+
+def center_crop_fraction(splits: DatasetSplits) -> float:
+    """The centre crop of the prior's pass and of evaluation: small in-memory images keep their whole frame."""
+    return 1.0 if splits.in_memory else 0.875
 
 
 @torch.no_grad()

@@ -1,11 +1,21 @@
 """The two evaluations of frozen features, as the end of a run and `python -m rela.eval` both report them:
-the linear probe (either protocol) and the kNN classifier, top-1 in percent."""
+the linear probe (either protocol) and the kNN classifier, top-1 in percent. `evaluate_frozen` is the whole
+evaluation of a backbone (features of both splits, then the probes), the one both call."""
 from __future__ import annotations
 
-import torch
+from typing import Callable, Sequence
 
+import torch
+from torch import nn
+
+from rela.config import Config
+from rela.data.datasets import DatasetSplits
+from rela.data.interfaces import ImageSource
+from rela.data.views import Normalize
+from rela.eval.features import center_crop_fraction, extract_features
 from rela.eval.knn import knn_accuracy
 from rela.eval.linear_probe import linear_probe_accuracy, linear_probe_reference
+from rela.utils.distributed import DistInfo
 
 PROBE_PROTOCOLS = ("project", "reference")
 
@@ -29,3 +39,23 @@ def probe_and_knn(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Ten
             # the reference protocol's spread over its last 3 epochs (None for the project's single number)
             "linear_probe_top1_std": None if linear_std is None else 100 * linear_std,
             "knn_top1": 100 * knn}
+
+
+def evaluate_frozen(backbone: nn.Module, train_source: ImageSource, val_source: ImageSource, splits: DatasetSplits,
+                    cfg: Config, *, dist: DistInfo, autocast_dtype: torch.dtype | None, protocols: Sequence[str],
+                    after_features: Callable[[], None] = lambda: None) -> dict[str, dict]:
+    """{protocol: probe_and_knn's results} for the backbone's features of `splits`' train and val images (read
+    through the two sources, centre-cropped, normalised with the dataset's statistics; each rank encodes its
+    shard and the features are gathered: collective), every protocol on the same features. The options are
+    cfg's: image size, eval batch size, progress, probe epochs, seed, kNN k and temperature.
+    `after_features()` runs between the features and the probes."""
+    device = train_source.device
+    common = dict(size=cfg.image_size, crop_fraction=center_crop_fraction(splits),
+                  normalize=Normalize(splits.mean, splits.std, device), batch_size=cfg.eval_batch_size,
+                  dist=dist, autocast_dtype=autocast_dtype, show_progress=cfg.progress)
+    train_x, train_y = extract_features(backbone, train_source, **common)
+    val_x, val_y = extract_features(backbone, val_source, **common)
+    after_features()
+    return {p: probe_and_knn(train_x, train_y, val_x, val_y, splits.num_classes, protocol=p,
+                             probe_epochs=cfg.probe_epochs, seed=cfg.seed, knn_k=cfg.knn_k,
+                             knn_temperature=cfg.knn_temperature) for p in protocols}

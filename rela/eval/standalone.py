@@ -22,15 +22,14 @@ import torch
 from rela.config import Config, shorten
 from rela.data.datasets import load_dataset
 from rela.data.factory import build_image_source, choose_loader
-from rela.data.views import Normalize
 from rela.errors import RelaError
-from rela.eval.features import extract_features
-from rela.eval.frozen import PROBE_PROTOCOLS, probe_and_knn
+from rela.eval.frozen import PROBE_PROTOCOLS, evaluate_frozen
 from rela.models.backbones import build_backbone
+from rela.models.export import load_backbone
 from rela.options import checked_options, resolve_config
-from rela.run import center_crop_fraction, pick_device
-from rela.utils.checkpoint import atomic_write_json, write_errors_named
+from rela.utils.device import autocast_dtype_for, pick_device
 from rela.utils.distributed import DistInfo
+from rela.utils.files import atomic_write_json, write_errors_named
 
 # Options of the run that carry over to its evaluation unless given (dataset-specific ones only when the
 # evaluation is on the run's own dataset).
@@ -67,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_backbone(path: Path, arch: str | None) -> tuple[torch.nn.Module, dict, dict]:
+def load_evaluated_backbone(path: Path, arch: str | None) -> tuple[torch.nn.Module, dict, dict]:
     """(backbone with the file's weights, what the file says of itself, the run's config or {})."""
     if path.is_dir():
         run_config = _read_json(path / "config.json")
@@ -91,7 +90,7 @@ def load_backbone(path: Path, arch: str | None) -> tuple[torch.nn.Module, dict, 
             if "image_size" in info:
                 info["image_size"] = int(info["image_size"])
         else:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            saved = load_backbone(path)
             if isinstance(saved, dict) and "state_dict" in saved and "arch" in saved:  # rela.train's backbone.pt
                 state = saved["state_dict"]
                 info.update({k: saved[k] for k in ("arch", "image_size", "mean", "std") if k in saved})
@@ -114,7 +113,7 @@ def load_backbone(path: Path, arch: str | None) -> tuple[torch.nn.Module, dict, 
 
 def evaluate_backbone(args: argparse.Namespace) -> dict:
     start = time.time()
-    backbone, info, run_config = load_backbone(Path(args.backbone), args.arch)
+    backbone, info, run_config = load_evaluated_backbone(Path(args.backbone), args.arch)
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("backbone", "out")}
     protocol = given.pop("probe_protocol", None)
     run_dataset = run_config.get("dataset")
@@ -133,16 +132,10 @@ def evaluate_backbone(args: argparse.Namespace) -> dict:
     device = pick_device(cfg.device)
     splits = load_dataset(cfg.dataset, cfg.data, split_seed=cfg.seed, val_fraction=cfg.val_fraction)
     use_dali = choose_loader(cfg, device, splits.train)
-    autocast_dtype = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")) else None
     backbone = backbone.to(device)
-    common = dict(size=cfg.image_size, crop_fraction=center_crop_fraction(splits),
-                  normalize=Normalize(splits.mean, splits.std, device), batch_size=cfg.eval_batch_size,
-                  dist=DistInfo(), autocast_dtype=autocast_dtype, show_progress=cfg.progress)
-    train_x, train_y = extract_features(backbone, build_image_source(cfg, splits.train, device, use_dali), **common)
-    val_x, val_y = extract_features(backbone, build_image_source(cfg, splits.val, device, use_dali), **common)
-    results = {p: probe_and_knn(train_x, train_y, val_x, val_y, splits.num_classes, protocol=p,
-                                probe_epochs=cfg.probe_epochs, seed=cfg.seed, knn_k=cfg.knn_k,
-                                knn_temperature=cfg.knn_temperature) for p in protocols}
+    results = evaluate_frozen(backbone, build_image_source(cfg, splits.train, device, use_dali),
+                              build_image_source(cfg, splits.val, device, use_dali), splits, cfg, dist=DistInfo(),
+                              autocast_dtype=autocast_dtype_for(cfg.precision, device), protocols=protocols)
     return {"backbone": info["path"], "arch": info["arch"], "trained_on": run_dataset, "dataset": cfg.dataset,
             "data": cfg.data, "transfer": run_dataset is not None and cfg.dataset != run_dataset,
             "image_size": cfg.image_size, "train_images": len(splits.train), "val_images": len(splits.val),

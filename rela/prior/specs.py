@@ -25,8 +25,8 @@ import torchvision
 from rela.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from rela.errors import RelaError
 from rela.models.backbones import build_backbone
+from rela.models.export import load_backbone
 from rela.utils.digest import file_digest, state_digest
-from rela.utils.checkpoint import load_plain
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -142,7 +142,7 @@ def _load_file(path: Path, spec: str, loader):
 def _load_run_prior(spec: str, run_dir: Path, prior_size: int | None) -> Prior:
     """A backbone written by this trainer: RUN/backbone.pt at the end of a run."""
     path = run_dir / "backbone.pt"
-    saved = _load_file(path, spec, load_plain)  # weights-only: a crafted backbone.pt runs nothing
+    saved = _load_file(path, spec, load_backbone)  # weights-only: a crafted backbone.pt runs nothing
     try:
         net = build_backbone(saved["arch"])
         state, size, mean, std = saved["state_dict"], saved["image_size"], tuple(saved["mean"]), tuple(saved["std"])

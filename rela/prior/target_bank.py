@@ -39,8 +39,8 @@ from rela.errors import RelaError
 from rela.prior.pca import PcaProjection, pca_from_sums
 from rela.prior.specs import Prior
 from rela.utils import distributed as dist_utils
-from rela.utils.checkpoint import check_archive, load_plain
 from rela.utils.faults import kill_point, write_fault
+from rela.utils.files import check_archive, load_plain
 from rela.utils.locks import FileLock
 
 BANK_FORMAT = 1

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from rela.errors import RelaError
-from rela.utils.checkpoint import latest_checkpoint
 from rela.utils import distributed as dist_utils
+from rela.utils.checkpoint_files import latest_checkpoint
 
 
 class NonFiniteLossGuard:

@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rela.errors import RelaError
-from rela.utils.checkpoint import atomic_write_bytes, write_errors_named
+from rela.utils.files import atomic_write_bytes, write_errors_named
 
 
 class Progress:

@@ -29,7 +29,7 @@ def test_compiled_backbones_train_and_save_under_their_own_names(tmp_path, monke
     build): the run trains through the hand-over, and its checkpoint and backbone.pt keep plain names."""
     import torch
 
-    from rela.utils.checkpoint import latest_checkpoint
+    from rela.utils.checkpoint_files import latest_checkpoint
 
     compiled = []
     real_compile = torch.nn.Module.compile

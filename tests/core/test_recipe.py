@@ -10,7 +10,7 @@ from builders import FAST_ARGS, training_rows
 from rela.eval.linear_probe import linear_probe_reference
 from rela.options import parse_config
 from rela.train import main
-from rela.utils.checkpoint import latest_checkpoint
+from rela.utils.checkpoint_files import latest_checkpoint
 
 
 def test_reference_recipe_resolves_to_the_reference_choices_under_the_users_flags():

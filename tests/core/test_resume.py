@@ -17,7 +17,8 @@ from rela.config import config_to_dict
 from rela.errors import RelaError
 from rela.options import parse_config
 from rela.train import main
-from rela.utils.checkpoint import check_resumable, latest_checkpoint
+from rela.checkpoint import check_resumable
+from rela.utils.checkpoint_files import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 

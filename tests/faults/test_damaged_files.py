@@ -13,7 +13,7 @@ from fault_runs import ARGS, assert_ends_like
 from rela.errors import RelaError
 from rela.prior.raw_features import read_bank_state
 from rela.train import main
-from rela.utils.checkpoint import latest_intact_checkpoint
+from rela.utils.checkpoint_files import latest_intact_checkpoint
 
 
 def flip_a_byte_of_the_largest_tensor(path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from fault_runs import ARGS, HAND_OVER_STEP, TOTAL_STEPS, assert_ends_like, train_process
 from rela.train import main
-from rela.utils.checkpoint import latest_checkpoint
+from rela.utils.checkpoint_files import latest_checkpoint
 
 
 @pytest.mark.slow  # six processes, five of them killed

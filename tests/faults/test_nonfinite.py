@@ -5,7 +5,8 @@ import torch
 
 from fault_runs import ARGS
 from rela.train import main
-from rela.utils.checkpoint import latest_checkpoint, load_checkpoint
+from rela.checkpoint import load_checkpoint
+from rela.utils.checkpoint_files import latest_checkpoint
 
 
 def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_finite_checkpoint(tmp_path, uninterrupted,

@@ -9,7 +9,7 @@ from pathlib import Path
 from builders import FAST_ARGS, write_cifar10, write_imagefolder
 from fault_runs import ARGS, assert_ends_like, metric_steps, train_process
 from rela.train import main
-from rela.utils.checkpoint import latest_checkpoint
+from rela.utils.checkpoint_files import latest_checkpoint
 
 
 def error_lines(err: str) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fault_runs import ARGS, assert_ends_like, train_process
 from rela.train import main
-from rela.utils.checkpoint import latest_checkpoint
+from rela.utils.checkpoint_files import latest_checkpoint
 from rela.utils.signals import EXIT_REQUEUE
 
 

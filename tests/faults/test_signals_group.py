@@ -12,7 +12,7 @@ import time
 
 from builders import FAST_ARGS, write_imagefolder
 from fault_runs import REPO
-from rela.utils.checkpoint import latest_checkpoint
+from rela.utils.checkpoint_files import latest_checkpoint
 from rela.utils.signals import EXIT_REQUEUE
 
 

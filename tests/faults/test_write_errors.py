@@ -7,7 +7,8 @@ import shutil
 
 from fault_runs import ARGS
 from rela.train import main
-from rela.utils.checkpoint import latest_checkpoint, load_checkpoint
+from rela.checkpoint import load_checkpoint
+from rela.utils.checkpoint_files import latest_checkpoint
 
 
 def test_disk_full_during_a_checkpoint_write_names_the_file_and_keeps_the_previous_one(tmp_path, uninterrupted,
