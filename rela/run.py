@@ -36,6 +36,7 @@ from rela.prior.specs import load_prior
 from rela.prior.target_bank import TargetBank, agreed_fingerprint, prepare_target_bank
 from rela.step import make_ema_updater
 from rela.utils.checkpoint_files import CheckpointWriter
+from rela.utils.device import autocast_dtype_for
 from rela.utils.distributed import DistInfo, check_shared_folder
 from rela.utils.progress import RunLog
 
@@ -134,7 +135,7 @@ def build_run(cfg: Config, dist: DistInfo, device: torch.device, run_dir: Path, 
         raise RelaError(f"--batch-size {cfg.batch_size} must divide by ranks x --grad-accum "
                         f"({dist.world_size} x {cfg.grad_accum})")
     micro_batch = cfg.batch_size // (dist.world_size * cfg.grad_accum)
-    autocast_dtype = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")) else None
+    autocast_dtype = autocast_dtype_for(cfg.precision, device)
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
     fused = {"auto": None, "on": True, "off": False}[cfg.fused_ops]
     if fused:
