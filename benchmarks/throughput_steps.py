@@ -18,6 +18,7 @@ from torch import nn
 from benchmarks.timing import interleaved
 from rela.config import Config
 from rela.data.loader import TrainBatch
+from rela.methods.learner import phase_named
 from rela.models.backbones import build_backbone
 from rela.ops._dispatch import kernels_unavailable_reason
 from rela.options import resolve_config
@@ -110,8 +111,9 @@ class TrainerStep:
 
     def __call__(self, phase: str, batch: TrainBatch | None = None) -> None:
         """One step on `batch` (benchmarks/loader.py's, from a loader), else on the synthetic batch."""
-        train_step(self.learner, self.optimizer, self.ema, [self.batch if batch is None else batch], phase=phase,
-                   bank=self.bank if phase == "rela" else None, lr=self.lr, momentum=self.momentum,
+        step_phase = phase_named(phase)
+        train_step(self.learner, self.optimizer, self.ema, [self.batch if batch is None else batch], phase=step_phase,
+                   bank=self.bank if step_phase.is_rela else None, lr=self.lr, momentum=self.momentum,
                    autocast_dtype=self.autocast_dtype, fused=self.fused)
 
 

@@ -26,7 +26,7 @@ from rela.errors import RelaError
 from rela.eval.features import center_crop_fraction
 from rela.eval.monitor import KnnMonitor
 from rela.methods.byol import target_momentum
-from rela.methods.learner import Learner
+from rela.methods.learner import RELA_PHASE, Learner, Phase, method_phase, phase_named
 from rela.methods.rela import PhaseController, RelaMap
 from rela.methods.registry import build_method, method_class
 from rela.models.backbones import build_backbone
@@ -47,7 +47,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
-    phase: str = "byol"  # "rela", or the method's name (--method)
+    phase: str = "byol"  # the current phase's name, as saved and logged: "rela", or the method's (--method)
     rela_phase_end_step: int | None = None
     rela_phase_ended_by: str | None = None  # "plateau", "fraction", or "end of training"
     images_seen: int = 0  # by this rank (each rank's is saved)
@@ -105,6 +105,15 @@ class Run:
     state: TrainState
     segment_start: float = field(default_factory=time.time)  # start of this process's part of the run
     checkpoints: CheckpointWriter = field(default_factory=CheckpointWriter)  # writes in the background
+
+    @property
+    def phase(self) -> Phase:
+        """The phase the loop runs now; the train state keeps its name (checkpoints save the name)."""
+        return phase_named(self.state.phase)
+
+    @phase.setter
+    def phase(self, phase: Phase) -> None:
+        self.state.phase = phase.name
 
     @property
     def steps_per_epoch(self) -> int:
@@ -171,10 +180,11 @@ def build_run(cfg: Config, dist: DistInfo, device: torch.device, run_dir: Path, 
     if bank is not None and schedule.rela_end_fixed is None and schedule.total_steps < controller.earliest_plateau_step():
         log.info(f"note: the adaptive rule cannot end the RELA phase in {schedule.total_steps} steps (its moving "
                  f"averages need {controller.earliest_plateau_step()} or more): this run stays in RELA throughout; "
-                 "--rela-phase FRACTION hands over to BYOL at a set point")
+                 "--rela-phase FRACTION hands over to the method at a set point")
     monitor = _build_monitor(cfg, splits, loaders.use_dali, crop_fraction, dist, device, autocast_dtype) if cfg.monitor else None
-    state = TrainState(phase="rela" if bank is not None else cfg.method, target_bank_s=bank.build_seconds if bank else 0.0)
-    loaders.train_loader.set_view_mode(state.phase)
+    phase = RELA_PHASE if bank is not None else method_phase(cfg.method)
+    state = TrainState(phase=phase.name, target_bank_s=bank.build_seconds if bank else 0.0)
+    loaders.train_loader.set_view_mode(phase.views)
     return Run(cfg=cfg, dist=dist, device=device, run_dir=run_dir, log=log, splits=splits, use_dali=loaders.use_dali,
                crop_fraction=crop_fraction, train_source=loaders.train_source, loader=loaders.train_loader, sampler=sampler, bank=bank,
                learner=learner, model=model, ema=ema, optimizer=optimizer, schedule=schedule,
@@ -232,7 +242,7 @@ def build_networks(cfg: Config, backbone: nn.Module, target_dim: int | None, num
         for module in learner.method.backbones():
             module.compile(backend=cfg.compile_backend)
     optimizer = build_optimizer(learner.named_parameters(), cfg.optimizer, peak_learning_rate(cfg), cfg.weight_decay)
-    model = wrap_for_ranks(learner, dist, device, phase="rela" if rela_map is not None else cfg.method)
+    model = wrap_for_ranks(learner, dist, device, RELA_PHASE if rela_map is not None else method_phase(cfg.method))
     return learner, model, ema, optimizer
 
 
@@ -241,7 +251,7 @@ def compiles(cfg: Config, device: torch.device) -> bool:
     return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
 
-def wrap_for_ranks(learner: Learner, dist: DistInfo, device: torch.device, phase: str) -> nn.Module:
+def wrap_for_ranks(learner: Learner, dist: DistInfo, device: torch.device, phase: Phase) -> nn.Module:
     """What the step calls: the learner itself, or DDP around it under torchrun, set for `phase`.
 
     DDP looks for parameters without a gradient only where there are some: in the RELA phase (the method's
@@ -253,7 +263,7 @@ def wrap_for_ranks(learner: Learner, dist: DistInfo, device: torch.device, phase
     if not dist.enabled:
         return learner
     rela_map = learner.rela_map
-    unused = phase == "rela" or (rela_map is not None and rela_map.weight.requires_grad)
+    unused = phase.is_rela or (rela_map is not None and rela_map.weight.requires_grad)
     # torch 2.14 renames broadcast_buffers (deprecated) to forward_sync_buffers; older ones know only the first.
     no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGUMENTS
                       else {"broadcast_buffers": False})

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from rela.data.interfaces import TrainBatch
-from rela.methods.learner import Learner
+from rela.methods.learner import Learner, Phase
 from rela.ops import prepare_ema_
 from rela.prior.target_bank import TargetBank
 
@@ -30,20 +30,20 @@ def _no_teacher(momentum: float) -> None:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ema: Callable[[float], None],
-               micro_batches: list[TrainBatch], *, phase: str, bank: TargetBank | None, lr: float, momentum: float,
+               micro_batches: list[TrainBatch], *, phase: Phase, bank: TargetBank | None, lr: float, momentum: float,
                autocast_dtype: torch.dtype | None, fused: bool | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward and backward over the micro-batches (gradients accumulated; DDP syncs on the last), one
-    optimiser step, one EMA step, then the method's `after_step`. `phase`: "rela" or the method's name.
-    Returns the step's (loss, probe loss, probe accuracy), averaged over its images, on the device: nothing
-    here waits for the GPU."""
+    optimiser step, one EMA step, then the method's `after_step`, in `phase` (the loop's choice; the bank's
+    rows are looked up only in the RELA phase). Returns the step's (loss, probe loss, probe accuracy), averaged
+    over its images, on the device: nothing here waits for the GPU."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     last = len(micro_batches) - 1
     total = sum(len(b.index) for b in micro_batches)
     step_loss = step_probe_loss = step_probe_accuracy = 0.0
     for i, batch in enumerate(micro_batches):
-        targets = bank.lookup(batch.index) if phase == "rela" else None
+        targets = bank.lookup(batch.index) if phase.is_rela else None
         no_sync = model.no_sync() if (i < last and isinstance(model, DistributedDataParallel)) else nullcontext()
         with no_sync, torch.autocast(batch.view1.device.type, dtype=autocast_dtype,
                                      enabled=autocast_dtype is not None):

@@ -1,8 +1,9 @@
-"""python -m rela.train: BYOL accelerated by RELA, on one CPU, one GPU, or many under torchrun.
+"""python -m rela.train: a self-supervised method (BYOL by default) accelerated by RELA, on one CPU, one GPU,
+or many under torchrun.
 
 A run in four steps: `build_run` (rela/run.py: data, prior and target bank, networks, optimiser,
-schedules, phase controller), `train` (below: the RELA phase, the hand-over, BYOL), `evaluate` and
-`write_summary` (rela/summary.py: linear probe, kNN, summary.json).
+schedules, phase controller), `train` (below: the RELA phase, the hand-over, the method's phase),
+`evaluate` and `write_summary` (rela/summary.py: linear probe, kNN, summary.json).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from rela.options import parse_config
 from rela.plots import write_curves_logged
 from rela.prior.specs import code_warning
 from rela.run import Run, build_run, configure_backends, wrap_for_ranks
+from rela.methods.learner import method_phase
 from rela.step import train_step
 from rela.summary import evaluate, write_summary
 from rela.utils import distributed as dist_utils
@@ -70,7 +72,7 @@ def run(cfg: Config) -> dict | None:
         resume_from = dist_utils.gather_objects(_resume_path(cfg, run_dir, log), dist)[0]  # rank 0's, for all
         if resume_from is not None:
             restore_checkpoint(r, resume_from)
-            r.model = wrap_for_ranks(r.learner, dist, device, r.state.phase)
+            r.model = wrap_for_ranks(r.learner, dist, device, r.phase)
             if dist.is_main:
                 log.trim_metrics(after_step=r.state.step)  # rows logged after the checkpoint are logged again
             log.info(f"resumed from {resume_from} at step {r.state.step} (epoch {r.state.epoch}, phase {r.state.phase})")
@@ -128,7 +130,7 @@ def train(run: Run) -> bool:
             for micro_batches, epoch_over in _epoch_steps(run, window):
                 _optimizer_step(run, micro_batches, epoch_over, window, bar, guard)
                 kill_point("after-step", state.step)  # tests: a death between a log row and a checkpoint
-                if state.phase == "rela" and _rela_phase_over(run):
+                if run.phase.is_rela and _rela_phase_over(run):
                     _hand_over(run, ended_by="plateau" if run.schedule.rela_end_fixed is None else "fraction")
                     _log_hand_over(run)
                 if epoch_over:
@@ -151,7 +153,7 @@ def train(run: Run) -> bool:
         defer_signals(False)
         bar.close()
         run.checkpoints.wait()  # the last checkpoint is on disk before anything reads or resumes from it
-    if state.phase == "rela":  # the loss never plateaued: the whole run was the RELA phase
+    if run.phase.is_rela:  # the loss never plateaued: the whole run was the RELA phase
         state.rela_phase_end_step, state.rela_phase_ended_by = state.step, "end of training"
     return True
 
@@ -178,11 +180,11 @@ def _optimizer_step(run: Run, micro_batches: list[TrainBatch], epoch_over: bool,
                     bar: Progress, guard: NonFiniteLossGuard) -> None:
     """One step of the current phase, its counters, the controller's update and, at logging steps (every
     --log-every and at each epoch's end), a metrics row."""
-    state = run.state
+    state, phase = run.state, run.phase
     lr, momentum = poisoned_lr(state.step, run.schedule.lr(state.step)), run.schedule.momentum(state.step)
     run.learner.method.schedule(state.step, run.steps_per_epoch)
     loss, probe_loss, probe_accuracy = train_step(
-        run.model, run.optimizer, run.ema, micro_batches, phase=state.phase, bank=run.bank, lr=lr,
+        run.model, run.optimizer, run.ema, micro_batches, phase=phase, bank=run.bank, lr=lr,
         momentum=momentum, autocast_dtype=run.autocast_dtype, fused=run.fused)
     seen = sum(len(b.index) for b in micro_batches)  # this rank's: the summary adds up the ranks'
     window.images += seen * run.dist.world_size
@@ -190,7 +192,7 @@ def _optimizer_step(run: Run, micro_batches: list[TrainBatch], epoch_over: bool,
     state.step += 1
     state.step_in_epoch += 1
     guard.observe(loss, state.step)
-    if state.phase == "rela":
+    if phase.is_rela:
         run.controller.update(dist_utils.all_reduce_mean_(loss.detach().float().clone()), state.step)
     log_now = _log_step(run, epoch_over)
     if log_now:
@@ -283,13 +285,13 @@ def _rela_phase_over(run: Run) -> bool:
 
 def _hand_over(run: Run, ended_by: str) -> None:
     """From the RELA phase to the SSL method's: the step function and the loader's views change from the next step."""
-    state, method = run.state, run.cfg.method
-    state.phase, state.rela_phase_end_step, state.rela_phase_ended_by = method, state.step, ended_by
+    state, phase = run.state, method_phase(run.cfg.method)
+    run.phase, state.rela_phase_end_step, state.rela_phase_ended_by = phase, state.step, ended_by
     kill_point("hand-over", state.step)  # tests: a death at the switch step
-    run.loader.set_view_mode(method)
+    run.loader.set_view_mode(phase.views)
     if run.dist.enabled:
-        run.model = wrap_for_ranks(run.learner, run.dist, run.device, method)
-    run.log.info(f"RELA phase over at step {state.step} (rho {run.controller.rho.item():.4f}); {method} from here"
+        run.model = wrap_for_ranks(run.learner, run.dist, run.device, phase)
+    run.log.info(f"RELA phase over at step {state.step} (rho {run.controller.rho.item():.4f}); {phase.name} from here"
                  + (f"; DDP wrapped again (find_unused_parameters={run.model.find_unused_parameters})"
                     if run.dist.enabled else ""))
 

@@ -2,7 +2,7 @@
 
 Files are decoded by DataLoader workers to a fixed square (`decode_size`); in-memory arrays live on the
 device whole. Augmentation runs at the step that consumes the batch (see views.py), so switching from
-RELA's views to BYOL's takes effect at exactly the step asked for. Each batch carries its dataset
+RELA's views to the method's takes effect at exactly the step asked for. Each batch carries its dataset
 indices (the target bank is looked up by them), labels (for the online probe) and the view mode it was
 made with. `TorchImageSource` and `TorchTrainLoader` are rela/data/interfaces.py's `ImageSource` and
 `TrainLoader`.
@@ -185,7 +185,8 @@ class TorchImageSource:
 
 
 class TorchTrainLoader:
-    """Budgeted two-view training batches. `set_view_mode('rela'|'byol')` applies from the next batch."""
+    """Budgeted two-view training batches. `set_view_mode(mode)` ("rela", or the method's name) applies from
+    the next batch."""
 
     def __init__(self, source: TorchImageSource, sampler: BudgetSampler, *, image_size: int, decode_size: int,
                  normalize: Normalize, seed: int, view_mode: str = "byol",

@@ -1,10 +1,12 @@
 """Everything that trains, in one module for DDP to wrap: the SSL method's networks, RELA's map, the online probe.
 
-forward() runs one phase's step: batch in, (phase loss, probe loss, probe accuracy) out. The phase is
-"rela" (regress the bank's targets from the method's backbone) or the method's own; the learner does
-not know which method it holds.
+forward() runs one step of the phase the loop chose: batch in, (phase loss, probe loss, probe accuracy) out.
+The RELA phase regresses the bank's targets from the method's backbone; the method's phase runs the method's
+own step. The learner does not know which method it holds.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,32 @@ from torch import nn
 
 from rela.methods.base import SslMethod
 from rela.methods.rela import RelaMap, rela_step
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A phase of training, as the loop chooses it. `name` is what the run logs (metrics.jsonl `phase`) and
+    saves (the train state's `phase`): "rela", or the method's name."""
+    name: str
+    is_rela: bool  # regress the target bank's rows (rela_step); otherwise the method's own step
+
+    @property
+    def views(self) -> str:
+        """The loader's view mode in this phase (rela/data/views.py names a mode by its phase)."""
+        return self.name
+
+
+RELA_PHASE = Phase("rela", is_rela=True)
+
+
+def method_phase(method: str) -> Phase:
+    """The SSL method's own phase (`method`: its --method name)."""
+    return Phase(method, is_rela=False)
+
+
+def phase_named(name: str) -> Phase:
+    """The phase a saved train state's `phase` names."""
+    return RELA_PHASE if name == RELA_PHASE.name else method_phase(name)
 
 
 class Learner(nn.Module):
@@ -27,8 +55,9 @@ class Learner(nn.Module):
         return self.method.backbone
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, label: torch.Tensor, targets: torch.Tensor | None,
-                phase: str, fused: bool | None):
-        if phase == "rela":
+                phase: Phase, fused: bool | None):
+        """targets: (B, k) rows of the bank in the RELA phase, None in the method's."""
+        if phase.is_rela:
             self.last_step_fn = rela_step.__name__
             loss, features = rela_step(self.method.backbone, self.rela_map, view1, view2, targets, fused=fused)
         else:

@@ -1,4 +1,4 @@
-"""RELA: regress static targets from a frozen prior, and decide when to hand over to BYOL.
+"""RELA: regress static targets from a frozen prior, and decide when to hand over to the SSL method.
 
 The phase loss is the mean over the two views of 1 - cos(W h(view), y_i). W is a fixed random map (as
 in the reference code; linear here, affine with --rela-map-bias as there), trainable with --rela-train-map.

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from rela.methods.byol import Byol
-from rela.methods.learner import Learner
+from rela.methods.learner import RELA_PHASE, Learner, method_phase
 from rela.methods.rela import RelaMap
 from rela.models.backbones import build_backbone
 from rela.run import configure_backends, wrap_for_ranks
@@ -43,12 +43,12 @@ def one_rank_group(tmp_path):
 def test_ddp_looks_for_unused_parameters_only_where_there_are_some(one_rank_group, trainable_map):
     backbone = build_backbone("small_resnet", seed=0)
     learner = Learner(Byol(backbone, 32, 16), RelaMap(backbone.feature_dim, 8, trainable_map, seed=0), 10)
-    rela = wrap_for_ranks(learner, one_rank_group, torch.device("cpu"), "rela")
-    byol = wrap_for_ranks(learner, one_rank_group, torch.device("cpu"), "byol")
+    rela = wrap_for_ranks(learner, one_rank_group, torch.device("cpu"), RELA_PHASE)
+    byol = wrap_for_ranks(learner, one_rank_group, torch.device("cpu"), method_phase("byol"))
     assert rela.find_unused_parameters  # the projector and predictor get no gradient in the RELA phase
     assert byol.find_unused_parameters == trainable_map  # only a trainable W goes unused in BYOL
     for model in (rela, byol):
         assert not getattr(model, "forward_sync_buffers", model.broadcast_buffers) and model.gradient_as_bucket_view
-    assert wrap_for_ranks(learner, DistInfo(), torch.device("cpu"), "rela") is learner  # one process: no DDP
+    assert wrap_for_ranks(learner, DistInfo(), torch.device("cpu"), RELA_PHASE) is learner  # one process: no DDP
 
 

@@ -9,7 +9,7 @@ import torch
 
 from rela.data.interfaces import TrainBatch
 from rela.methods.byol import Byol
-from rela.methods.learner import Learner
+from rela.methods.learner import Learner, method_phase
 from rela.models.backbones import build_backbone
 from rela.optim import build_optimizer
 from rela.step import make_ema_updater, train_step
@@ -31,7 +31,7 @@ def test_the_target_follows_the_online_network_by_its_momentum():
     target, online = learner.method.teacher_pair()
     before = {n: p.detach().clone() for n, p in target.named_parameters()}
     online_before = {n: p.detach().clone() for n, p in online.named_parameters()}
-    train_step(learner, optimizer, ema, [batch], phase="byol", bank=None, lr=1e-2, momentum=0.9,
+    train_step(learner, optimizer, ema, [batch], phase=method_phase("byol"), bank=None, lr=1e-2, momentum=0.9,
                autocast_dtype=None, fused=False)
     moved = 0
     for (name, t), (_, o) in zip(target.named_parameters(), online.named_parameters()):

@@ -12,7 +12,7 @@ import torch
 from builders import FAST_ARGS, training_rows
 from rela.config import METHOD_NAMES
 from rela.data.interfaces import TrainBatch
-from rela.methods.learner import Learner
+from rela.methods.learner import Learner, method_phase
 from rela.methods.registry import METHODS, build_method
 from rela.models.backbones import build_backbone
 from rela.optim import build_optimizer
@@ -42,8 +42,8 @@ def one_step(method: str, fused: bool) -> tuple[float, dict[str, torch.Tensor]]:
     # SGD: an update linear in the gradient (Adam's first step is about lr * sign(g), which turns float
     # rounding in a near-zero gradient into a full step either way)
     optimizer = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=0.1)
-    loss, _, _ = train_step(learner, optimizer, ema, [batch()], phase=method, bank=None, lr=1e-2, momentum=0.9,
-                            autocast_dtype=None, fused=fused)
+    loss, _, _ = train_step(learner, optimizer, ema, [batch()], phase=method_phase(method), bank=None, lr=1e-2,
+                            momentum=0.9, autocast_dtype=None, fused=fused)
     return loss.item(), {k: v.detach().clone() for k, v in learner.state_dict().items()}
 
 
@@ -71,7 +71,7 @@ def test_a_step_moves_the_student_and_only_teacher_methods_keep_a_teacher(method
     before = {k: v.detach().clone() for k, v in learner.method.backbone.state_dict().items()}
     ema = make_ema_updater(learner, fused=False)
     optimizer = build_optimizer(learner.named_parameters(), "adamw", 1e-2, 0.0)
-    train_step(learner, optimizer, ema, [batch()], phase=method, bank=None, lr=1e-2, momentum=0.9,
+    train_step(learner, optimizer, ema, [batch()], phase=method_phase(method), bank=None, lr=1e-2, momentum=0.9,
                autocast_dtype=None, fused=False)
     assert any(not torch.equal(v, before[k]) for k, v in learner.method.backbone.state_dict().items())
     has_teacher = learner.method.teacher_pair() is not None

@@ -20,7 +20,7 @@ from builders import FAST_ARGS
 from rela.data.interfaces import TrainBatch
 from rela.methods.barlowtwins import barlow_twins_loss
 from rela.methods.dino import Dino, teacher_temperature
-from rela.methods.learner import Learner
+from rela.methods.learner import Learner, method_phase
 from rela.methods.mocov3 import moco_contrastive_loss
 from rela.methods.registry import build_method
 from rela.methods.simclr import nt_xent_loss
@@ -261,7 +261,7 @@ def test_dino_centre_moves_once_per_step_by_the_whole_steps_teacher_mean_under_g
             dino.train()
             teacher_output = torch.cat([dino.teacher_forward(torch.cat([b.view1, b.view2])) for b in batches])
         center = dino_center_official(center, teacher_output, dino.center_momentum)
-        train_step(learner, optimizer, ema, batches, phase="dino", bank=None, lr=0.1, momentum=0.99,
+        train_step(learner, optimizer, ema, batches, phase=method_phase("dino"), bank=None, lr=0.1, momentum=0.99,
                    autocast_dtype=None, fused=False)
         torch.testing.assert_close(dino.center, torch.tensor(center, dtype=torch.float32), rtol=1e-5, atol=1e-7)
     assert "method.center" in learner.state_dict()  # saved with the learner in every checkpoint

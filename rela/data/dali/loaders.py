@@ -23,7 +23,7 @@ from rela.data.views import VIEW_MODES, Normalize, ViewSpec, view_pair
 class DaliTrainLoader:
     """Budgeted two-view training batches made by DALI (a `TrainLoader`).
 
-    `set_view_mode('rela'|'byol')` applies to every batch yielded after the call (see driver.py).
+    `set_view_mode(mode)` ("rela", or the method's name) applies to every batch yielded after the call (see driver.py).
     `decode_size` is accepted for the torch loader's signature and not used: DALI crops the
     full-resolution image, as BYOL's RandomResizedCrop does, where the torch loader first squashes files
     to a decode_size square to batch them.
