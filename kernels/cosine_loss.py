@@ -22,7 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from .casts import cast_rne
+from .launch import TicketCounters, acc_dtype, cdiv, direct, pow2, tl_acc
 
 # Helpers and triton.language's own jitted functions (tl.sum, tl.zeros, tl.cdiv) cost milliseconds per
 # call in Triton's interpreter, where the tests run: the kernels call them once per pair and row block,
@@ -144,20 +146,14 @@ def cosine_loss_bwd_kernel(
                          grad_a1_ptr, stats + 2, rows64, cols64, mask, row_mask, scale, D, ACC)
 
 
-# One ticket counter per device and stream (launches on one stream never overlap), zeroed once; the
-# last program of each launch sets it back to zero.
-_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
+# One ticket counter per device and stream; the last program of each launch sets it back to zero.
+_tickets = TicketCounters()
 _eps: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
-_num_sms: dict[torch.device, int] = {}
 
 
 def ticket_counter(device: torch.device) -> torch.Tensor:
     """The forward kernel's ticket counter for `device` and its current stream: (1,) int32, zero between launches."""
-    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
-    counter = _counters.get(key)
-    if counter is None:
-        counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counter
+    return _tickets.get(device)
 
 
 def eps_tensor(device: torch.device, dtype: torch.dtype, eps: float) -> torch.Tensor:
@@ -168,43 +164,17 @@ def eps_tensor(device: torch.device, dtype: torch.dtype, eps: float) -> torch.Te
     return _eps[key]
 
 
-def _direct(kernel):
-    return kernel
-
-
-def _max_programs(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 16
-    sms = _num_sms.get(device)
-    if sms is None:
-        sms = _num_sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return 4 * sms
-
-
-def _pow2(n: int) -> int:
-    # triton.next_power_of_2 and triton.cdiv are constexpr functions: a few microseconds per host call.
-    return 1 << (n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @functools.lru_cache(maxsize=256)
 def _blocks(B: int, D: int, num_pairs: int) -> tuple[int, int, int]:
     # A tile of about 4096 elements per pair keeps the live tiles of both pairs in registers.
-    block_d = min(_pow2(D), 2048)
-    block_b = max(1, min(_pow2(B), 4096 // num_pairs // block_d))
+    block_d = min(pow2(D), 2048)
+    block_b = max(1, min(pow2(B), 4096 // num_pairs // block_d))
     num_warps = 8 if block_b * block_d * num_pairs >= 8192 else 4
     return block_b, block_d, num_warps
 
 
-def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def cosine_loss_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]], eps: torch.Tensor, counter: torch.Tensor,
-                        wrap=_direct):
+                        wrap=direct):
     """Launches the forward kernel over 1 or 2 pairs of (B, D) tensors (any strides, dtypes).
 
     eps: 0-dim tensor of the accumulation dtype (`eps_tensor`); counter: (1,) int32, zero before the
@@ -219,9 +189,9 @@ def cosine_loss_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]], eps: tor
     # Block sizes are compile-time constants: under torch.compile with dynamic shapes int() specialises on them.
     B, D = int(a0.shape[0]), int(a0.shape[1])
     device = a0.device
-    acc = _acc_dtype(*(t for pair in pairs for t in pair))
+    acc = acc_dtype(*(t for pair in pairs for t in pair))
     block_b, block_d, num_warps = _blocks(B, D, num_pairs)
-    grid = min(_cdiv(B, block_b), _max_programs(device))
+    grid = min(cdiv(B, block_b), launch.programs_to_fill(device))
     stats = torch.empty((B, 2 * num_pairs), dtype=acc, device=device)
     partial = torch.empty(grid, dtype=acc, device=device)
     loss = torch.empty((), dtype=acc, device=device)
@@ -229,15 +199,14 @@ def cosine_loss_forward(pairs: list[tuple[torch.Tensor, torch.Tensor]], eps: tor
         a0, b0, a1, b1, *a0.stride(), *b0.stride(), *a1.stride(), *b1.stride(),
         stats, partial, counter, loss, B, D, eps,
         NUM_PAIRS=num_pairs, BLOCK_B=block_b, BLOCK_D=block_d,
-        BLOCK_P=min(_pow2(grid), 1024),
-        ACC=tl.float64 if acc == torch.float64 else tl.float32, FP64=acc == torch.float64,
+        BLOCK_P=min(pow2(grid), 1024), ACC=tl_acc(acc), FP64=acc == torch.float64,
         num_warps=num_warps,
     )
     return loss, stats
 
 
 def cosine_loss_backward(pairs: list[tuple[torch.Tensor, torch.Tensor]], stats: torch.Tensor,
-                         grad_loss: torch.Tensor, wrap=_direct) -> list[torch.Tensor]:
+                         grad_loss: torch.Tensor, wrap=direct) -> list[torch.Tensor]:
     """Gradients of the loss w.r.t. each pair's `a`: contiguous (B, D) tensors in a's dtype.
 
     `grad_loss` is the 0-dim upstream gradient, read on the device (no host sync). wrap: as for
@@ -249,12 +218,12 @@ def cosine_loss_backward(pairs: list[tuple[torch.Tensor, torch.Tensor]], stats: 
     B, D = int(a0.shape[0]), int(a0.shape[1])
     grads = [torch.empty((B, D), dtype=a.dtype, device=a.device) for a, _ in pairs]
     block_b, block_d, num_warps = _blocks(B, D, num_pairs)
-    grid = (_cdiv(B, block_b), _cdiv(D, block_d))
+    grid = (cdiv(B, block_b), cdiv(D, block_d))
     wrap(cosine_loss_bwd_kernel)[grid](
         a0, b0, a1, b1, *a0.stride(), *b0.stride(), *a1.stride(), *b1.stride(),
         grads[0], grads[-1], stats, grad_loss, B, D,
         NUM_PAIRS=num_pairs, BLOCK_B=block_b, BLOCK_D=block_d,
-        ACC=tl.float64 if stats.dtype == torch.float64 else tl.float32,
+        ACC=tl_acc(stats.dtype),
         num_warps=num_warps,
     )
     return grads

@@ -33,7 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from .casts import cast_rne
+from .launch import TicketCounters, acc_dtype, cdiv, direct, pow2, tl_acc
 
 # Interpreter note (see cosine_loss.py): triton.language's jitted helpers cost milliseconds per call in
 # Triton's interpreter, where the tests run, so the kernels spell the online softmax out inline.
@@ -263,34 +265,14 @@ def dino_loss_bwd_kernel(
     tl.store(grad_s2_ptr + rows64 * K + cols64, cast_rne(grad_s2, grad_s2_ptr.dtype.element_ty), mask=mask)
 
 
-# One buffer of ticket counters per device and stream (launches on one stream never overlap), zeroed when
-# made; every launch leaves the counters it used at zero. A launch that needs more counters gets a new one.
-_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
-_num_sms: dict[torch.device, int] = {}
-
-
-def _direct(kernel):
-    return kernel
-
-
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+# The forward's ticket counters (launch.TicketCounters), 1,024 or more per buffer.
+_tickets = TicketCounters(minimum=1024)
 
 
 def _launch_shape(device: torch.device) -> tuple[int, int]:
-    """(programs to aim for, elements per input tile) on `device`."""
-    if device.type != "cuda":
-        # Triton's interpreter runs the programs one after the other, each operation costing about the
-        # same however wide: few programs, wide tiles.
-        return 16, 8192
-    sms = _num_sms.get(device)
-    if sms is None:
-        sms = _num_sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return 4 * sms, 2048
+    """(programs to aim for, elements per input tile) on `device`: wide tiles in the interpreter, where each
+    operation costs about the same however wide."""
+    return launch.programs_to_fill(device), (2048 if device.type == "cuda" else 8192)
 
 
 @functools.lru_cache(maxsize=256)
@@ -302,14 +284,14 @@ def _fwd_blocks(B: int, K: int, target_programs: int, tile: int) -> tuple[int, i
     """
     # Up to 16 rows per tile, so that the column sums written per row block (row blocks x K floats) stay
     # small against the inputs (B x K each).
-    block_b = min(_pow2(B), 16)
-    block_k = max(16, min(_pow2(K), tile // block_b))
-    row_blocks = _cdiv(B, block_b)
+    block_b = min(pow2(B), 16)
+    block_k = max(16, min(pow2(K), tile // block_b))
+    row_blocks = cdiv(B, block_b)
     # Enough column chunks to fill the device, each a whole number of BLOCK_K steps.
-    chunks = max(1, min(_cdiv(target_programs, row_blocks), _cdiv(K, block_k)))
-    chunk_k = _cdiv(_cdiv(K, chunks), block_k) * block_k
-    block_r = min(_pow2(row_blocks), max(1, tile // block_k))
-    return block_b, block_k, chunk_k, row_blocks, _cdiv(K, chunk_k), block_r
+    chunks = max(1, min(cdiv(target_programs, row_blocks), cdiv(K, block_k)))
+    chunk_k = cdiv(cdiv(K, chunks), block_k) * block_k
+    block_r = min(pow2(row_blocks), max(1, tile // block_k))
+    return block_b, block_k, chunk_k, row_blocks, cdiv(K, chunk_k), block_r
 
 
 def num_tickets(B: int, K: int, device: torch.device) -> int:
@@ -320,23 +302,10 @@ def num_tickets(B: int, K: int, device: torch.device) -> int:
 
 def ticket_counters(B: int, K: int, device: torch.device) -> torch.Tensor:
     """Zeroed int32 counters for the forward on `device` and its current stream; zero again after it."""
-    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
-    needed = num_tickets(B, K, device)
-    counters = _counters.get(key)
-    if counters is None or counters.numel() < needed:
-        counters = _counters[key] = torch.zeros(max(needed, 1024), dtype=torch.int32, device=device)
-    return counters
+    return _tickets.get(device, num_tickets(B, K, device))
 
 
-def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def dino_loss_forward(s1, s2, t1, t2, center, temps: torch.Tensor, counters: torch.Tensor, wrap=_direct):
+def dino_loss_forward(s1, s2, t1, t2, center, temps: torch.Tensor, counters: torch.Tensor, wrap=direct):
     """Launches the forward over (B, K) s1, s2, t1, t2 (any strides and float dtypes) and center (K,) (any stride).
 
     temps: (2,) [1 / student_temp, 1 / teacher_temp] in the accumulation dtype (float32, float64 if any
@@ -347,7 +316,7 @@ def dino_loss_forward(s1, s2, t1, t2, center, temps: torch.Tensor, counters: tor
     """
     B, K = int(s1.shape[0]), int(s1.shape[1])
     device = s1.device
-    acc = _acc_dtype(s1, s2, t1, t2, center)
+    acc = acc_dtype(s1, s2, t1, t2, center)
     block_b, block_k, chunk_k, row_blocks, chunks, block_r = _fwd_blocks(B, K, *_launch_shape(device))
     if counters.numel() < chunks + row_blocks + 1:
         raise ValueError(f"dino_loss_forward needs {chunks + row_blocks + 1} ticket counters, got {counters.numel()}")
@@ -361,7 +330,7 @@ def dino_loss_forward(s1, s2, t1, t2, center, temps: torch.Tensor, counters: tor
         s1, s2, t1, t2, center, *s1.stride(), *s2.stride(), *t1.stride(), *t2.stride(), center.stride(0),
         temps, partial_cols, partial_stats, partial_loss, counters, lse, teacher_mean, loss,
         B, K, chunk_k,
-        BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_P=min(_pow2(row_blocks), 1024), ACC=_tl(acc),
+        BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_P=min(pow2(row_blocks), 1024), ACC=tl_acc(acc),
         num_warps=8 if block_b * block_k >= 2048 else 4,
     )
     return loss, teacher_mean, lse
@@ -369,13 +338,13 @@ def dino_loss_forward(s1, s2, t1, t2, center, temps: torch.Tensor, counters: tor
 
 @functools.lru_cache(maxsize=256)
 def _bwd_blocks(B: int, K: int, tile: int) -> tuple[int, int, int]:
-    block_k = max(16, min(_pow2(K), tile // 2))
-    block_b = max(1, min(_pow2(B), tile // block_k))
+    block_k = max(16, min(pow2(K), tile // 2))
+    block_b = max(1, min(pow2(B), tile // block_k))
     return block_b, block_k, 8 if block_b * block_k >= 2048 else 4
 
 
 def dino_loss_backward(s1, s2, t1, t2, center, temps: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor,
-                       wrap=_direct) -> tuple[torch.Tensor, torch.Tensor]:
+                       wrap=direct) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of the loss w.r.t. s1 and s2: contiguous (B, K) tensors in their dtypes.
 
     lse: the forward's (B, 4); grad_loss: the 0-dim upstream gradient, read on the device. temps, wrap:
@@ -385,9 +354,9 @@ def dino_loss_backward(s1, s2, t1, t2, center, temps: torch.Tensor, lse: torch.T
     grad_s1 = torch.empty((B, K), dtype=s1.dtype, device=s1.device)
     grad_s2 = torch.empty((B, K), dtype=s2.dtype, device=s2.device)
     block_b, block_k, num_warps = _bwd_blocks(B, K, _launch_shape(s1.device)[1])
-    wrap(dino_loss_bwd_kernel)[(_cdiv(B, block_b), _cdiv(K, block_k))](
+    wrap(dino_loss_bwd_kernel)[(cdiv(B, block_b), cdiv(K, block_k))](
         s1, s2, t1, t2, center, *s1.stride(), *s2.stride(), *t1.stride(), *t2.stride(), center.stride(0),
         temps, lse, grad_loss, grad_s1, grad_s2, B, K,
-        BLOCK_B=block_b, BLOCK_K=block_k, ACC=_tl(lse.dtype), num_warps=num_warps,
+        BLOCK_B=block_b, BLOCK_K=block_k, ACC=tl_acc(lse.dtype), num_warps=num_warps,
     )
     return grad_s1, grad_s2

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from . import INTERPRETED
 from .casts import cast_rne
+from .launch import acc_dtype, cdiv, direct, tl_acc
 
 BLOCK = 4096
 # Flat parameter buffers are padded to a multiple of this many elements: every block is full, and the
@@ -49,24 +50,20 @@ def ema_kernel(
     tl.store(target_ptr + offs, cast_rne(new, target_ptr.dtype.element_ty), mask=mask)
 
 
-def _direct(kernel):
-    return kernel
-
-
-def ema_launch(target: torch.Tensor, online: torch.Tensor, momentum: float | torch.Tensor, wrap=_direct) -> None:
+def ema_launch(target: torch.Tensor, online: torch.Tensor, momentum: float | torch.Tensor, wrap=direct) -> None:
     """target <- lerp(target, online, 1 - momentum). One launch.
 
     target, online: 1-D, same length and floating dtype. momentum: a Python float or a 0-dim tensor on
     the same device, read in the kernel. wrap: applied to the jitted kernel before the launch
     (torch.library.wrap_triton in a custom op).
     """
-    acc = tl.float64 if target.dtype == torch.float64 else tl.float32
+    acc = tl_acc(acc_dtype(target))
     if acc == tl.float64 and not isinstance(momentum, torch.Tensor):
         # Triton passes Python floats as float32; torch lerps float64 with the float64 weight.
         momentum = torch.tensor(momentum, dtype=torch.float64, device=target.device)
     from_ptr = isinstance(momentum, torch.Tensor)
     num_params = int(target.numel())
-    grid = (-(-num_params // BLOCK),)
+    grid = (cdiv(num_params, BLOCK),)
     if grid[0] == 0:
         return
     wrap(ema_kernel)[grid](

@@ -96,10 +96,10 @@ def cases(shapes):
 
 def launch_everything(label: list) -> None:
     """Calls every launch helper; `label[0]` names the case of the launches that follow."""
-    from rela.kernels import cosine_loss, dino_loss, ema
+    from rela.kernels import cosine_loss, dino_loss, ema, launch
 
     # The GPU's launch shapes, not the interpreter's.
-    cosine_loss._max_programs = lambda device: 4 * H200_SMS
+    launch.programs_to_fill = lambda device: 4 * H200_SMS
     dino_loss._launch_shape = lambda device: (4 * H200_SMS, 2048)
 
     for dtype, acc, (B, D, layout) in cases(LOSS_SHAPES):
