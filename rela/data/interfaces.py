@@ -23,7 +23,7 @@ class TrainBatch:
     view2: torch.Tensor
     index: torch.Tensor  # (B,) int64 dataset indices, on the device
     label: torch.Tensor  # (B,) int64, on the device
-    views: str  # the view mode both views were made with: "rela" or "byol"
+    views: str  # the view mode both views were made with: "rela", or the method's name ("byol", "dino", ...)
 
 
 @runtime_checkable
@@ -64,7 +64,7 @@ class TrainLoader(Protocol):
 
     @property
     def view_mode(self) -> str:
-        """The views the loader makes now: "rela" or "byol"."""
+        """The views the loader makes now: "rela", or the method's name."""
         ...
 
     @property
