@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import rela.summary
+import rela.eval.frozen
 import rela.train
 from builders import FAST_ARGS, training_rows
 from rela.data.budget import BudgetSampler
@@ -86,13 +86,13 @@ def test_logged_lr_and_momentum_are_the_schedules_at_every_step(tmp_path):
 
 def test_knn_and_probe_score_the_validation_split_against_the_training_memory(tmp_path, monkeypatch):
     seen = {}
-    real = rela.summary.probe_and_knn
+    real = rela.eval.frozen.probe_and_knn
 
     def spy(train_x, train_y, val_x, val_y, *args, **kwargs):
         seen.update(train_x=train_x.clone(), train_y=train_y.tolist(), val_x=val_x.clone(), val_y=val_y.tolist())
         return real(train_x, train_y, val_x, val_y, *args, **kwargs)
 
-    monkeypatch.setattr(rela.summary, "probe_and_knn", spy)
+    monkeypatch.setattr(rela.eval.frozen, "probe_and_knn", spy)
     out = tmp_path / "run"
     assert rela.train.main([*ARGS, "--epochs", "1", "--out", str(out)]) == 0
     cfg = json.loads((out / "config.json").read_text())
