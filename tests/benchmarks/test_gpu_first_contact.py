@@ -85,6 +85,7 @@ def _files(out: Path) -> list[Path]:
     return sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="the script targets the Linux GPU machine")
 def test_tiny_rehearsal_on_the_cpu_leaves_what_a_device_call_brings_back(tmp_path):
     out = tmp_path / "out"

@@ -86,6 +86,7 @@ def test_results_name_the_commit_given_where_the_tree_has_no_git(monkeypatch):
     assert current_commit() == "0123abc-dirty"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="the suite targets the Linux GPU machine")
 def test_tiny_suite_runs_every_step_on_the_cpu(tmp_path):
     out = tmp_path / "suite"

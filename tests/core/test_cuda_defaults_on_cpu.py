@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from builders import FAST_ARGS, training_rows
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,6 +25,7 @@ CUDA_DEFAULTS = ["--compile", "on", "--compile-backend", "aot_eager", "--fused-o
                  "--precision", "bf16"]
 
 
+@pytest.mark.slow
 def test_cuda_defaults_train_through_the_hand_over_on_two_ranks(tmp_path):
     out = tmp_path / "run"
     cmd = [*TORCHRUN, "-m", "rela.train", *FAST_ARGS, "--bank-dir", str(tmp_path / "banks"), "--budget", "0.2",

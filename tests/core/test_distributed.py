@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from builders import FAST_ARGS, write_imagefolder
 from rela.data.budget import BudgetSampler
@@ -22,6 +23,7 @@ def torchrun_train(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess
     return subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_on_cpu_keep_replicas_identical(tmp_path):
     out = tmp_path / "run"
     result = torchrun_train(tmp_path, "--epochs", "2", "--budget", "0.2", "--prior", "rand", "--rela-phase", "0.5",
@@ -44,6 +46,7 @@ def test_torchrun_two_ranks_on_cpu_keep_replicas_identical(tmp_path):
     assert result.stdout.count("linear_probe_top1=") == 1
 
 
+@pytest.mark.slow
 def test_ranks_read_disjoint_shards_that_cover_the_subset_and_gathered_features_equal_one_process(tmp_path):
     findings_path = tmp_path / "findings.json"
     cmd = [*TORCHRUN, str(REPO / "tests" / "core" / "ddp_worker.py"), str(findings_path), str(tmp_path / "banks")]
@@ -78,6 +81,7 @@ def seed_with_an_all_corrupt_micro_batch(folder: Path, corrupt_names: set[str], 
     raise AssertionError("no seed in 0..199 puts an all-corrupt micro-batch on a rank")
 
 
+@pytest.mark.slow
 def test_torchrun_with_an_all_corrupt_micro_batch_on_one_rank_keeps_ranks_in_step(tmp_path):
     folder = write_imagefolder(tmp_path / "tree", classes=2, per_class=12)
     names = {"img_000.jpg", "img_001.jpg", "img_002.jpg", "img_003.jpg"}

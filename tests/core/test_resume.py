@@ -117,6 +117,7 @@ def test_resume_with_gradient_accumulation_gives_same_weights(tmp_path):
     assert steps == sorted(set(steps)), "a resumed run must not leave duplicate metric rows"
 
 
+@pytest.mark.slow
 def test_sigkill_between_a_log_row_and_the_next_checkpoint_loses_nothing(tmp_path):
     """Killed after step 6's row is logged and before any checkpoint past step 4: the resumed run logs
     steps 5 and 6 again, once, and ends with the uninterrupted run's weights."""
@@ -166,6 +167,7 @@ def test_resume_in_adaptive_mode_hands_over_where_the_whole_run_did(tmp_path):
     assert_same_weights(tmp_path / "whole", tmp_path / "split")
 
 
+@pytest.mark.slow
 def test_resume_under_torchrun_gives_the_uninterrupted_replicas(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rela.train",

@@ -30,6 +30,7 @@ def train(tmp_path: Path, *args: str, name: str = "run") -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_default_command_shows_the_whole_method_and_learns_beyond_initialisation(tmp_path):
     """`python -m rela.train` with no arguments: mnist5k (real digits), RELA with the student's own initial
     network as the prior at a 20% budget, the adaptive rule handing over to BYOL. (Its time, under 3 minutes on
@@ -124,6 +125,7 @@ def test_imagefolder_and_cifar_fixtures_train(tmp_path, cifar10):
     assert s2["images_seen"] == int(200 * 0.5) // 16 * 16 or s2["images_seen"] == int(200 * 0.5)
 
 
+@pytest.mark.slow
 def test_priors_from_files_and_runs(tmp_path):
     # torchvision architecture with a weights file
     import torchvision

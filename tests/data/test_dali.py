@@ -469,6 +469,7 @@ def test_skip_corrupt_drops_and_counts_bad_files(tmp_path):
 
 # ---- End to end ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_training_run_with_dali_loader_finishes(tmp_path, device):
     rng = np.random.default_rng(9)

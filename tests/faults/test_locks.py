@@ -7,8 +7,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from fault_runs import ARGS, REPO
 from rela.train import main
+
+pytestmark = pytest.mark.slow  # subprocess runs: the slow tier (README: Tests)
 
 
 def test_a_second_run_on_the_same_out_is_refused_and_a_second_bank_build_waits_and_reuses(tmp_path, capsys):

@@ -2,10 +2,14 @@
 exit status 75 (EX_TEMPFAIL), and a requeued `--resume auto` that ends like the uninterrupted run."""
 from __future__ import annotations
 
+import pytest
+
 from fault_runs import ARGS, assert_ends_like, train_process
 from rela.train import main
 from rela.utils.checkpoint_files import latest_checkpoint
 from rela.utils.signals import EXIT_REQUEUE
+
+pytestmark = pytest.mark.slow  # subprocess runs: the slow tier (README: Tests)
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_exits_75_then_resume_ends_like_the_whole_run(tmp_path,

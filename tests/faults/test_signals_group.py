@@ -10,10 +10,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from builders import FAST_ARGS, write_imagefolder
 from fault_runs import REPO
 from rela.utils.checkpoint_files import latest_checkpoint
 from rela.utils.signals import EXIT_REQUEUE
+
+pytestmark = pytest.mark.slow  # subprocess runs: the slow tier (README: Tests)
 
 
 def test_sigterm_to_the_process_group_with_workers_checkpoints_and_exits_75(tmp_path):

@@ -12,10 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from builders import FAST_ARGS, write_imagefolder
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+
+pytestmark = pytest.mark.slow  # subprocess runs: the slow tier (README: Tests)
 
 
 def free_port() -> int:
