@@ -63,6 +63,8 @@ def run(cfg: Config) -> dict | None:
     run_dir = _run_folder(cfg, dist)
     dist_utils.check_shared_folder(run_dir, "--out", dist)  # checkpoints are read back by every rank
     lock = lock_run_folder(run_dir, dist)  # a second run on the same --out is refused, not interleaved
+    if dist.is_main:
+        (run_dir / REQUEUE_MARKER).unlink(missing_ok=True)  # this attempt takes over from the stopped one
     log = RunLog(run_dir, dist.is_main, loggers=cfg.logger)
     r = None
     if (warning := code_warning(cfg.prior)) is not None:
@@ -88,6 +90,11 @@ def run(cfg: Config) -> dict | None:
         if dist.is_main and cfg.curves:
             write_curves_logged(run_dir, log)  # curves.png; a plotting error is logged, never raised
         return summary
+    except StopRequested as stop:
+        if dist.is_main:  # torchrun exits 1 whatever its workers' status: the job script reads this file instead
+            atomic_write_json({"exit": EXIT_REQUEUE, "reason": str(stop),
+                               "step": r.state.step if r is not None else None}, run_dir / REQUEUE_MARKER)
+        raise
     finally:
         log.close()
         if lock is not None:
@@ -351,9 +358,12 @@ def _run_folder(cfg: Config, dist: dist_utils.DistInfo) -> Path:
     return run_dir
 
 
+# A run stopped by SIGTERM or SIGUSR1 leaves this beside its checkpoint: {"exit": 75, "reason", "step"}. Under
+# torchrun, whose own exit status is 1 whatever its workers' (75 included), a job script requeues on it.
+REQUEUE_MARKER = "requeue.json"
 # What a run of this trainer leaves in its folder before config.json is written (the run lock, TensorBoard's
-# folder, a temporary file of an atomic write).
-_EARLY_RUN_FILES = (".lock", "tensorboard")
+# folder, a temporary file of an atomic write, the requeue marker of a run stopped that early).
+_EARLY_RUN_FILES = (".lock", "tensorboard", REQUEUE_MARKER)
 
 
 def _foreign_files(run_dir: Path) -> list[str]:
