@@ -59,18 +59,22 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--world-size", type=int, default=1)
-    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--init-file", type=Path, help="the gloo group's file store (world size > 1)")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds of sleep per prior call")
     parser.add_argument("--flush-seconds", type=float, default=0.0)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--fail-after-calls", type=int, default=None, help="the prior raises on its next call")
+    parser.add_argument("--pause-after-calls", type=int, default=None,
+                        help="the prior's next call waits to be killed (at most 10 minutes): a test kills the build "
+                             "at a known point, with no timing window")
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # ranks share the test machine's cores
     if args.world_size > 1:
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
+        # A file store: a port found free and then closed could be taken before gloo binds it.
+        dist.init_process_group("gloo", init_method=f"file://{args.init_file}", rank=args.rank,
                                 world_size=args.world_size)
     from rela.prior.raw_features import build_raw_features
 
@@ -86,6 +90,9 @@ def main() -> None:
     def encode(images: torch.Tensor) -> torch.Tensor:
         if args.fail_after_calls is not None and len(calls) >= args.fail_after_calls:
             raise SystemExit(3)  # this rank dies part-way through its shard
+        if args.pause_after_calls is not None and len(calls) >= args.pause_after_calls:
+            time.sleep(600)  # the earlier batches are written and flushed: the test kills this process now
+            raise SystemExit(4)
         calls.append(len(images))
         return prior(images)
 

@@ -11,9 +11,9 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,23 +77,18 @@ class CountingPrior:
         return set(torch.cat(self.loaded).tolist()) if self.loaded else set()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_ranks(path: Path, tmp_path: Path, num_rows: int, feature_dim: int, batch_size: int, world_size: int,
               dtype: str = "float32", fail: dict[int, int] | None = None) -> list[dict]:
     """Builds with `world_size` worker processes in a gloo group; returns what each rank returned.
     fail: {rank: calls}: that rank's prior dies after that many calls, and every rank is expected to fail."""
-    port = free_port()
+    # A fresh file store per group: a second group on the first one's file would read its stale addresses.
+    store = Path(tempfile.mkdtemp(dir=tmp_path)) / "gloo-store"
     procs = []
     for rank in range(world_size):
         out = tmp_path / f"rank{rank}.npz"
         cmd = [sys.executable, str(WORKER), "--path", str(path), "--num-rows", str(num_rows), "--feature-dim",
                str(feature_dim), "--batch-size", str(batch_size), "--dtype", dtype, "--rank", str(rank),
-               "--world-size", str(world_size), "--port", str(port), "--out", str(out)]
+               "--world-size", str(world_size), "--init-file", str(store), "--out", str(out)]
         if fail and rank in fail:
             cmd += ["--fail-after-calls", str(fail[rank])]
         procs.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out))
@@ -284,15 +279,14 @@ def test_killed_build_resumes_to_the_same_bank(tmp_path):
     num_rows, dim, batch = 48, 16, 5
     path = tmp_path / "killed.raw"
     cmd = [sys.executable, str(WORKER), "--path", str(path), "--num-rows", str(num_rows), "--feature-dim", str(dim),
-           "--batch-size", str(batch), "--delay", "0.25", "--flush-seconds", "0"]
+           "--batch-size", str(batch), "--pause-after-calls", "2", "--flush-seconds", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            if path.exists() and read_bank_state(path)["rows_done"] >= 2 * batch:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the build finished (or died) before it could be killed"
+        # The worker pauses before its third batch, the first two written and flushed: no timing window.
+        deadline = time.monotonic() + 300
+        while not (path.exists() and read_bank_state(path)["rows_done"] >= 2 * batch):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
