@@ -33,6 +33,7 @@ from rela.summary import evaluate, write_summary
 from rela.utils import distributed as dist_utils
 from rela.utils.checkpoint_files import latest_checkpoint, latest_intact_checkpoint
 from rela.utils.device import pick_device
+from rela.utils import faults
 from rela.utils.faults import kill_point, poisoned_lr
 from rela.utils.files import atomic_write_json, write_errors_named
 from rela.utils.locks import lock_run_folder
@@ -69,6 +70,7 @@ def run(cfg: Config) -> dict | None:
     r = None
     if (warning := code_warning(cfg.prior)) is not None:
         log.info(warning)
+    faults.arm()  # tests' fault injection: the RELA_* variables, read once for this run
     try:
         r = build_run(cfg, dist, device, run_dir, log, start_time)
         resume_from = dist_utils.gather_objects(_resume_path(cfg, run_dir, log), dist)[0]  # rank 0's, for all
@@ -96,6 +98,7 @@ def run(cfg: Config) -> dict | None:
                                "step": r.state.step if r is not None else None}, run_dir / REQUEUE_MARKER)
         raise
     finally:
+        faults.disarm()
         log.close()
         if lock is not None:
             lock.release()

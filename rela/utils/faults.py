@@ -19,7 +19,8 @@ dictionary lookup.
   later loss are NaN, as in a run that diverged.
 
 Under torchrun, faults fire in the first attempt only (TORCHELASTIC_RESTART_COUNT 0 or unset): the
-restarted group must be able to run on.
+restarted group must be able to run on. The variables are read once, when `rela.train.run` starts (`arm`),
+and nothing fires outside a run.
 """
 from __future__ import annotations
 
@@ -28,40 +29,70 @@ import fnmatch
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
-def _armed() -> bool:
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return False
-    rank = os.environ.get("RELA_KILL_RANK")
-    return rank is None or rank == os.environ.get("RANK", "0")
+@dataclass(frozen=True)
+class FaultPlan:
+    """The RELA_* variables, read once when a run starts (`arm`), so a hook on the per-step path costs one
+    check of a module global; None fields ask for nothing."""
+    kill: str | None = None
+    sleep: str | None = None
+    wait: str | None = None
+    fail_write: str | None = None
+    nan_at: int | None = None
+
+    @classmethod
+    def from_env(cls) -> "FaultPlan | None":
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            return None  # a restarted torchrun attempt runs on
+        rank = os.environ.get("RELA_KILL_RANK")
+        if rank is not None and rank != os.environ.get("RANK", "0"):
+            return None
+        get = os.environ.get
+        plan = cls(get("RELA_KILL_AT"), get("RELA_SLEEP_AT"), get("RELA_WAIT_AT"), get("RELA_FAIL_WRITE"),
+                   None if get("RELA_NAN_AT") is None else int(get("RELA_NAN_AT")))
+        return None if plan == cls() else plan
+
+
+_plan: FaultPlan | None = None  # armed by rela.train.run for the run's length; None: no fault anywhere
+
+
+def arm() -> None:
+    """Reads the RELA_* variables for the run that starts now (rela.train.run)."""
+    global _plan
+    _plan = FaultPlan.from_env()
+
+
+def disarm() -> None:
+    global _plan
+    _plan = None
 
 
 def kill_point(stage: str, where: int | str) -> None:
-    """Dies (or sleeps) here if RELA_KILL_AT (RELA_SLEEP_AT) names this stage and place."""
-    kill, sleep, wait = (os.environ.get(name) for name in ("RELA_KILL_AT", "RELA_SLEEP_AT", "RELA_WAIT_AT"))
-    if kill is None and sleep is None and wait is None:
+    """Dies (or sleeps, or waits) here if RELA_KILL_AT (RELA_SLEEP_AT, RELA_WAIT_AT) names this stage and place."""
+    plan = _plan
+    if plan is None:
         return
     here = f"{stage}:{where}"
-    if kill is not None and (kill == here or kill.rsplit(":", 1)[0] == here) and _armed():
-        name = kill[len(here) + 1:] or "SIGKILL"
+    if plan.kill is not None and (plan.kill == here or plan.kill.rsplit(":", 1)[0] == here):
+        name = plan.kill[len(here) + 1:] or "SIGKILL"
         os.kill(os.getpid(), getattr(signal, name))
-    if sleep is not None and sleep.rsplit(":", 1)[0] == here and _armed():
-        time.sleep(float(sleep.rsplit(":", 1)[1]))
-    if wait is not None and wait.startswith(here + ":") and _armed():
-        gate, deadline = Path(wait[len(here) + 1:]), time.monotonic() + 900
+    if plan.sleep is not None and plan.sleep.rsplit(":", 1)[0] == here:
+        time.sleep(float(plan.sleep.rsplit(":", 1)[1]))
+    if plan.wait is not None and plan.wait.startswith(here + ":"):
+        gate, deadline = Path(plan.wait[len(here) + 1:]), time.monotonic() + 900
         while not gate.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
 
 
 def write_fault(path: Path) -> OSError | None:
     """The error RELA_FAIL_WRITE asks a write of `path` to fail with, or None."""
-    spec = os.environ.get("RELA_FAIL_WRITE")
-    if spec is None:
+    if _plan is None or _plan.fail_write is None:
         return None
-    pattern, name = spec.rsplit(":", 1)
-    if not fnmatch.fnmatch(Path(path).name, pattern) or not _armed():
+    pattern, name = _plan.fail_write.rsplit(":", 1)
+    if not fnmatch.fnmatch(Path(path).name, pattern):
         return None
     code = getattr(errno, name)
     return OSError(code, os.strerror(code), str(path))
@@ -69,5 +100,4 @@ def write_fault(path: Path) -> OSError | None:
 
 def poisoned_lr(step: int, lr: float) -> float:
     """NaN instead of `lr` at the step RELA_NAN_AT names."""
-    at = os.environ.get("RELA_NAN_AT")
-    return float("nan") if at is not None and int(at) == step and _armed() else lr
+    return float("nan") if _plan is not None and _plan.nan_at == step else lr

@@ -1,6 +1,8 @@
 """A NaN loss stops the run naming the step and the loss; no checkpoint holds the weights it produced."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fault_runs import ARGS
@@ -36,3 +38,23 @@ def test_stop_after_steps_does_not_checkpoint_non_finite_weights(tmp_path, unint
     err = capsys.readouterr().err
     assert "rela.train: error: the loss is nan at step 7" in err, err[-3000:]
     assert latest_checkpoint(out).name == "ckpt-000000004.pt"
+
+
+def test_fault_variables_are_read_once_when_a_run_starts(monkeypatch):
+    """The hooks on the per-step path read a plan made when the run starts, not the environment at every call;
+    outside a run nothing fires."""
+    from rela.utils import faults
+
+    monkeypatch.setenv("RELA_NAN_AT", "3")
+    assert faults.poisoned_lr(3, 0.1) == 0.1  # no run armed it
+    faults.arm()
+    try:
+        monkeypatch.delenv("RELA_NAN_AT")  # read already: the plan holds
+        looked_up = []
+        monkeypatch.setattr(faults.os.environ, "get", lambda *a: looked_up.append(a) or None)
+        assert faults.poisoned_lr(2, 0.1) == 0.1 and math.isnan(faults.poisoned_lr(3, 0.1))
+        faults.kill_point("after-step", 3)
+        assert looked_up == []
+    finally:
+        faults.disarm()
+    assert faults.poisoned_lr(3, 0.1) == 0.1
