@@ -24,7 +24,7 @@ from rela.ops._dispatch import kernels_unavailable_reason
 from rela.options import resolve_config
 from rela.prior.specs import load_prior
 from rela.prior.target_bank import TargetBank, prior_encoder, prior_precision
-from rela.run import build_networks, peak_learning_rate
+from rela.run import build_networks, compiles, peak_learning_rate
 from rela.step import train_step
 from rela.utils.distributed import DistInfo
 
@@ -54,11 +54,9 @@ class StepSetup:
 
 
 def setup_from_config(label: str, cfg: Config, precision: str, device: torch.device, num_classes: int) -> StepSetup:
-    # The trainer's rule (rela.run.build_networks): --compile auto compiles on CUDA.
-    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     return StepSetup(label, cfg.arch, cfg.batch_size, cfg.image_size, precision, device.type == "cuda",
                      cfg.proj_hidden, cfg.proj_dim, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.base_momentum,
-                     num_classes, compiled, cfg.compile_backend)
+                     num_classes, compiles(cfg, device), cfg.compile_backend)
 
 
 def is_compiled(module: nn.Module) -> bool:
