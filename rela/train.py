@@ -336,29 +336,34 @@ def _run_folder(cfg: Config, dist: dist_utils.DistInfo) -> Path:
         run_dir = Path(cfg.out)
     else:
         run_dir = Path(dist_utils.gather_objects(f"runs/{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}", dist)[0])
-    if cfg.data is not None and run_dir.resolve().is_relative_to(Path(cfg.data).resolve()):
-        raise RelaError(f"--out {run_dir} is inside the data folder {cfg.data}: the run's files would be read as "
-                        "data; pass an --out outside it")
-    if cfg.resume is None and latest_checkpoint(run_dir) is not None:
-        raise RelaError(f"{run_dir} already holds a run's checkpoints: --resume auto continues it; "
-                        "pass another --out for a new run")
-    fresh = cfg.resume is None or (cfg.resume == "auto" and latest_checkpoint(run_dir) is None)
-    if fresh and (foreign := _foreign_files(run_dir)):
-        raise RelaError(f"--out {run_dir} is not empty and is not a run folder of rela.train (it holds "
-                        f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): pass a new or empty folder")
-    problem = None
-    if dist.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / f".write-test-{os.getpid()}"
-            os.close(os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644))
-            os.unlink(probe)
-        except OSError as err:
-            problem = f"cannot write the run folder {run_dir}: {err.strerror or err} (errno {err.errno})"
-    problem = dist_utils.gather_objects(problem, dist)[0]  # every rank stops alike
+    # Rank 0 alone checks and creates the folder, and every rank stops alike on its answer: a rank that looked
+    # for itself could find rank 0's write probe there and call the folder foreign.
+    problem = _run_folder_problem(cfg, run_dir) if dist.is_main else None
+    problem = dist_utils.broadcast_object(problem, dist)  # every rank stops alike
     if problem is not None:
         raise RelaError(problem)
     return run_dir
+
+
+def _run_folder_problem(cfg: Config, run_dir: Path) -> str | None:
+    """Why `run_dir` cannot hold this run (one line), or None once it exists and takes a file."""
+    if cfg.data is not None and run_dir.resolve().is_relative_to(Path(cfg.data).resolve()):
+        return (f"--out {run_dir} is inside the data folder {cfg.data}: the run's files would be read as data; "
+                "pass an --out outside it")
+    if cfg.resume is None and latest_checkpoint(run_dir) is not None:
+        return f"{run_dir} already holds a run's checkpoints: --resume auto continues it; pass another --out for a new run"
+    fresh = cfg.resume is None or (cfg.resume == "auto" and latest_checkpoint(run_dir) is None)
+    if fresh and (foreign := _foreign_files(run_dir)):
+        return (f"--out {run_dir} is not empty and is not a run folder of rela.train (it holds "
+                f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): pass a new or empty folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        os.close(os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644))
+        os.unlink(probe)
+    except OSError as err:
+        return f"cannot write the run folder {run_dir}: {err.strerror or err} (errno {err.errno})"
+    return None
 
 
 # A run stopped by SIGTERM or SIGUSR1 leaves this beside its checkpoint: {"exit": 75, "reason", "step"}. Under

@@ -82,3 +82,20 @@ def test_resume_accepts_the_data_folder_spelled_another_way(tmp_path, capsys, mo
         err = capsys.readouterr().err
         assert f"at step {int(stop) - 1}" in err and "error" not in err, err[-3000:]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == "./cifar/"
+
+
+def test_only_rank_zero_judges_the_run_folder(tmp_path, monkeypatch):
+    """Before: every rank looked at --out for itself, and rank 1 could find rank 0's write probe
+    (.write-test-PID) there, call the folder foreign and stop the run (it failed CI that way). Rank 1 now takes
+    rank 0's answer, whatever the folder holds when it looks."""
+    from rela.config import Config
+    from rela.train import _run_folder
+    from rela.utils import distributed as dist_utils
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".write-test-4242").write_text("")  # rank 0's probe, caught between its creation and removal
+    answers = []
+    monkeypatch.setattr(dist_utils, "broadcast_object", lambda obj, info, src=0: answers.append(obj) or None)
+    assert _run_folder(Config(out=str(out)), dist_utils.DistInfo(rank=1, world_size=2)) == out
+    assert answers == [None]  # rank 1 judged nothing itself
