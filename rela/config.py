@@ -50,7 +50,7 @@ class Bounds:
 
 
 # --method's values; each names a module of rela/methods/ (rela.methods.registry checks the two agree).
-METHOD_NAMES = ("byol", "dino", "simclr", "mocov3", "barlowtwins", "vicreg", "simsiam")
+METHOD_NAMES = ("byol", "dino", "simclr", "mocov3", "barlowtwins", "vicreg", "simsiam", "supervised")
 
 @dataclass
 class Config:
@@ -107,6 +107,16 @@ class Config:
                                            bounds='(0, 99]')
     rela_train_map: bool = opt(False, "train the linear map W from features to targets (fixed random by default)")
     rela_map_bias: bool = opt(False, "give W a bias (an affine map, nn.Linear's initialisation, as in the reference)")
+    handover: str = opt("hard", "how the RELA loss hands over to the method's, L = lambda L_rela + (1 - lambda) "
+                                "L_method: 'hard' (lambda 1 -> 0 at once, the reference's), 'linear' (1 -> 0 over "
+                                "--handover-steps steps after the RELA phase ends), 'rho' (in the RELA phase, lambda "
+                                "falls from 1 at rho = --handover-rho-start to 0 at --rela-threshold)",
+                        ("hard", "linear", "rho"))
+    handover_steps: int | None = opt(None, "--handover linear: steps over which lambda falls to 0 (default: a tenth "
+                                           "of the run's steps)", bounds='[1, inf)')
+    handover_rho_start: float = opt(0.9, "--handover rho: the rho at which the method's loss starts to mix in",
+                                    bounds='(0, 1)')
+    handover_teacher_reset: bool = opt(False, "at the hand-over, set the method's EMA teacher to the student's weights")
     rela_views: str = opt("project", "RELA's views: 'project' (crop 0.25-1, flip, light jitter p=0.3) or "
                                      "'reference' (crop 0.5-1, flip, jitter 0.8/0.8/0.8/0.2 p=0.8, grayscale p=0.2)",
                           ("project", "reference"))
@@ -257,6 +267,9 @@ def validate(cfg: Config) -> None:
                             f"{shorten(repr(cfg.rela_phase))}") from None
         if not 0.0 < fraction <= 1.0:
             raise RelaError(f"--rela-phase fraction must be in (0, 1], got {fraction}")
+    if cfg.handover == "rho" and cfg.handover_rho_start >= cfg.rela_threshold:
+        raise RelaError(f"--handover-rho-start {cfg.handover_rho_start} must be below --rela-threshold "
+                        f"{cfg.rela_threshold}: lambda falls from 1 at the one to 0 at the other")
     if not cfg.logger or not set(cfg.logger.replace(" ", "").split(",")) <= {"jsonl", "tensorboard"}:
         raise RelaError(f"--logger takes a comma list of jsonl, tensorboard; got {shorten(repr(cfg.logger))}")
     if cfg.resume not in (None, "auto") and not cfg.resume.endswith(".pt"):
@@ -269,6 +282,7 @@ def validate(cfg: Config) -> None:
 TRAJECTORY_OPTIONS = ("dataset", "data", "image_size", "arch", "prior", "prior_seed", "prior_size", "budget", "epochs",
                       "batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "warmup_epochs", "base_momentum",
                       "proj_hidden", "proj_dim", "rela_phase", "rela_threshold", "rela_averaging_scale", "rela_train_map", "seed",
+                      "handover", "handover_steps", "handover_rho_start", "handover_teacher_reset",
                       "rela_map_bias", "rela_views", "byol_blur", "lr_schedule", "momentum_schedule",
                       "rela_crop_min_scale", "byol_crop_min_scale", "val_fraction", "sync_bn", "method", "temperature", "dino_out_dim",
                       "dino_student_temp", "dino_teacher_temp", "dino_warmup_teacher_temp", "dino_warmup_teacher_epochs",

@@ -26,8 +26,9 @@ from rela.errors import RelaError
 from rela.options import parse_config
 from rela.plots import write_curves_logged
 from rela.prior.specs import code_warning
-from rela.run import Run, build_run, configure_backends, wrap_for_ranks
+from rela.methods.handover import handover_steps_for, linear_weight, reset_teacher_, rho_weight
 from rela.methods.learner import method_phase
+from rela.run import Run, build_run, configure_backends, wrap_for_ranks
 from rela.step import train_step
 from rela.summary import evaluate, write_summary
 from rela.utils import distributed as dist_utils
@@ -193,17 +194,18 @@ def _optimizer_step(run: Run, micro_batches: list[TrainBatch], epoch_over: bool,
     state, phase = run.state, run.phase
     lr, momentum = poisoned_lr(state.step, run.schedule.lr(state.step)), run.schedule.momentum(state.step)
     run.learner.method.schedule(state.step, run.steps_per_epoch)
-    loss, probe_loss, probe_accuracy = train_step(
+    rela_weight = _rela_weight(run)
+    loss, probe_loss, probe_accuracy, rela_loss = train_step(
         run.model, run.optimizer, run.ema, micro_batches, phase=phase, bank=run.bank, lr=lr,
-        momentum=momentum, autocast_dtype=run.autocast_dtype, fused=run.fused)
+        momentum=momentum, autocast_dtype=run.autocast_dtype, fused=run.fused, rela_weight=rela_weight)
     seen = sum(len(b.index) for b in micro_batches)  # this rank's: the summary adds up the ranks'
     window.images += seen * run.dist.world_size
     state.images_seen += seen
     state.step += 1
     state.step_in_epoch += 1
     guard.observe(loss, state.step)
-    if phase.is_rela:
-        run.controller.update(dist_utils.all_reduce_mean_(loss.detach().float().clone()), state.step)
+    if phase.is_rela and rela_loss is not None:  # the controller follows the RELA loss, blended or not
+        run.controller.update(dist_utils.all_reduce_mean_(rela_loss.float().clone()), state.step)
     log_now = _log_step(run, epoch_over)
     if log_now:
         guard.check(run.dist, run.run_dir)
@@ -211,7 +213,8 @@ def _optimizer_step(run: Run, micro_batches: list[TrainBatch], epoch_over: bool,
         record = {"step": state.step, "epoch": state.epoch, "phase": state.phase,
                   # what really ran: the learner's step function and the views the loader made
                   "step_fn": run.learner.last_step_fn, "views": micro_batches[-1].views,
-                  "loss": loss.item(), "probe_loss": probe_loss.item(),
+                  "loss": loss.item(), "rela_weight": rela_weight,
+                  "rela_loss": None if rela_loss is None else rela_loss.item(), "probe_loss": probe_loss.item(),
                   "online_probe_top1": 100 * probe_accuracy.item(), "rho": run.controller.rho.item(),
                   "rela_threshold": run.cfg.rela_threshold,
                   "lr": lr, "momentum": momentum, "images_per_s": window.images / max(elapsed, 1e-9),
@@ -221,6 +224,20 @@ def _optimizer_step(run: Run, micro_batches: list[TrainBatch], epoch_over: bool,
         bar.update(0, loss=f"{record['loss']:.4f}", phase=state.phase, rho=f"{record['rho']:.4f}")
         window.reset()
     bar.update(1)
+
+
+def _rela_weight(run: Run) -> float:
+    """lambda of this step, L = lambda L_rela + (1 - lambda) L_method (rela/methods/handover.py): 1 in the RELA
+    phase and 0 after it, but over the blend of --handover linear (after the phase) or rho (within it)."""
+    cfg, state, phase = run.cfg, run.state, run.phase
+    if run.bank is None:
+        return 0.0
+    if cfg.handover == "linear" and not phase.is_rela:
+        return linear_weight(state.step - state.rela_phase_end_step,
+                             handover_steps_for(cfg.handover_steps, run.schedule.total_steps))
+    if cfg.handover == "rho" and phase.is_rela:
+        return rho_weight(run.controller.rho_before(), cfg.handover_rho_start, cfg.rela_threshold)
+    return 1.0 if phase.is_rela else 0.0
 
 
 def _log_step(run: Run, epoch_over: bool) -> bool:
@@ -298,6 +315,8 @@ def _hand_over(run: Run, ended_by: str) -> None:
     state, phase = run.state, method_phase(run.cfg.method)
     run.phase, state.rela_phase_end_step, state.rela_phase_ended_by = phase, state.step, ended_by
     kill_point("hand-over", state.step)  # tests: a death at the switch step
+    if run.cfg.handover_teacher_reset:
+        reset_teacher_(run.learner.method.teacher_pair())
     run.loader.set_view_mode(phase.views)
     if run.dist.enabled:
         run.model = wrap_for_ranks(run.learner, run.dist, run.device, phase)

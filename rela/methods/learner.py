@@ -1,8 +1,8 @@
 """Everything that trains, in one module for DDP to wrap: the SSL method's networks, RELA's map, the online probe.
 
-forward() runs one step of the phase the loop chose: batch in, (phase loss, probe loss, probe accuracy) out.
+forward() runs one step of the phase the loop chose: batch in, (loss, probe loss, probe accuracy, RELA loss) out.
 The RELA phase regresses the bank's targets from the method's backbone; the method's phase runs the method's
-own step. The learner does not know which method it holds.
+own step; a blended step of a soft hand-over (rela/methods/handover.py) weighs the two. The learner does not know which method it holds.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rela.methods.base import SslMethod
-from rela.methods.rela import RelaMap, rela_step
+from rela.methods.rela import RelaMap, rela_loss_of, rela_step
 
 
 @dataclass(frozen=True)
@@ -55,16 +55,33 @@ class Learner(nn.Module):
         return self.method.backbone
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, label: torch.Tensor, targets: torch.Tensor | None,
-                phase: Phase, fused: bool | None):
-        """targets: (B, k) rows of the bank in the RELA phase, None in the method's."""
-        if phase.is_rela:
+                phase: Phase, fused: bool | None, rela_weight: float | None = None):
+        """targets: (B, k) rows of the bank where the RELA loss counts, else None. rela_weight: lambda in
+        L = lambda L_rela + (1 - lambda) L_method (rela/methods/handover.py); None: 1 in the RELA phase, 0 after.
+        Returns (loss, probe loss, probe accuracy, RELA loss): the last detached, None where it was not computed."""
+        if rela_weight is None:
+            rela_weight = 1.0 if phase.is_rela else 0.0
+        if rela_weight >= 1.0:
             self.last_step_fn = rela_step.__name__
             loss, features = rela_step(self.method.backbone, self.rela_map, view1, view2, targets, fused=fused)
-        else:
+            rela_loss = loss
+        elif rela_weight <= 0.0:
             self.last_step_fn = self.method.step_fn_name
-            loss, features = self.method(view1, view2, fused=fused)
+            loss, features = self._method_step(view1, view2, label, fused)
+            rela_loss = None
+        else:  # a blended step: the method's forward, and W on its online features of the same views
+            self.last_step_fn = f"blend_{self.method.step_fn_name}"
+            method_loss, features = self._method_step(view1, view2, label, fused)
+            rela_loss = rela_loss_of(self.rela_map, features, targets, fused=fused)
+            loss = rela_weight * rela_loss + (1.0 - rela_weight) * method_loss
         logits = self.probe(features.detach().float())
         labels = torch.cat([label, label])
         probe_loss = F.cross_entropy(logits, labels)
         probe_accuracy = (logits.argmax(1) == labels).float().mean()
-        return loss, probe_loss, probe_accuracy.detach()
+        return loss, probe_loss, probe_accuracy.detach(), None if rela_loss is None else rela_loss.detach()
+
+    def _method_step(self, view1: torch.Tensor, view2: torch.Tensor, label: torch.Tensor, fused: bool | None):
+        """The method's (loss, features); a method that learns from labels gets them."""
+        if self.method.uses_labels:
+            return self.method(view1, view2, fused=fused, labels=label)
+        return self.method(view1, view2, fused=fused)

@@ -37,8 +37,13 @@ def rela_step(backbone: nn.Module, rela_map: RelaMap, view1: torch.Tensor, view2
               targets: torch.Tensor, *, fused: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
     """No target-network forward. targets: (B, k) rows of the bank. Returns (loss, features (2B, F))."""
     features = backbone(torch.cat([view1, view2]))
+    return rela_loss_of(rela_map, features, targets, fused=fused), features
+
+
+def rela_loss_of(rela_map: RelaMap, features: torch.Tensor, targets: torch.Tensor, *, fused: bool | None) -> torch.Tensor:
+    """The RELA loss of the backbone's features of both views, (2B, F), against the views' bank rows, (B, k)."""
     predicted = rela_map(features)
-    return rela_loss(predicted, torch.cat([targets, targets]).to(predicted.dtype), fused=fused), features
+    return rela_loss(predicted, torch.cat([targets, targets]).to(predicted.dtype), fused=fused)
 
 
 class PhaseController:
@@ -67,6 +72,7 @@ class PhaseController:
         # Two host slots: the flag after the latest update, and the one after the update before it.
         on_cuda = torch.device(device).type == "cuda"
         self._flags = torch.zeros(2, dtype=torch.bool, pin_memory=on_cuda)
+        self._rhos = torch.zeros(2, dtype=torch.float64, pin_memory=on_cuda)  # rho beside each flag
         self._copied = [torch.cuda.Event(), torch.cuda.Event()] if on_cuda else None
         self._updates = 0
 
@@ -92,6 +98,7 @@ class PhaseController:
         self.done.logical_or_(crossed)
         slot = self._updates % 2
         self._flags[slot].copy_(self.done, non_blocking=True)
+        self._rhos[slot].copy_(self.rho, non_blocking=True)
         if self._copied is not None:
             self._copied[slot].record()
         self._updates += 1
@@ -106,12 +113,24 @@ class PhaseController:
             self._copied[older].synchronize()
         return bool(self._flags[older])
 
+    def rho_before(self) -> float:
+        """rho as of the update before the latest one (0 before two updates), read as `ended_before` reads its
+        flag: host memory the device wrote a step ago."""
+        if self._updates < 2:
+            return 0.0
+        older = self._updates % 2
+        if self._copied is not None:
+            self._copied[older].synchronize()
+        return float(self._rhos[older])
+
     def state_dict(self) -> dict:
         state = {name: getattr(self, name).clone() for name in ("fast", "slow", "rho", "done", "plateau_step")}
-        return {**state, "flags": self._flags.clone(), "updates": self._updates}
+        return {**state, "flags": self._flags.clone(), "rhos": self._rhos.clone(), "updates": self._updates}
 
     def load_state_dict(self, state: dict) -> None:
         for name in ("fast", "slow", "rho", "done", "plateau_step"):
             getattr(self, name).copy_(state[name])
         self._flags.copy_(state["flags"])
+        if "rhos" in state:  # a checkpoint from before the soft hand-overs has none (rho_before reads 0 for a step)
+            self._rhos.copy_(state["rhos"])
         self._updates = state["updates"]
