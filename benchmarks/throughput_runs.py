@@ -38,7 +38,7 @@ METHOD_LABELS = {"byol": "BYOL", "rela": "RELA", "rela-transfer": "RELA transfer
 # --method's display names. The plan's run kinds keep their names whatever the method: "byol" is the SSL
 # method alone (BYOL unless --method says otherwise), "rela" is RELA handing over to it.
 SSL_LABELS = {"byol": "BYOL", "dino": "DINO", "simclr": "SimCLR", "mocov3": "MoCo v3", "barlowtwins": "Barlow Twins",
-              "vicreg": "VICReg", "simsiam": "SimSiam"}
+              "vicreg": "VICReg", "simsiam": "SimSiam", "supervised": "Supervised"}
 
 
 def kind_labels(ssl: str = "byol") -> dict[str, str]:

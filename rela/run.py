@@ -226,7 +226,7 @@ def build_networks(cfg: Config, backbone: nn.Module, target_dim: int | None, num
     """The learner (the SSL method's networks, RELA's map W when there is a target bank, the online probe)
     on its device; its EMA step; its optimiser; and what the step calls (DDP around the learner under
     torchrun)."""
-    method = build_method(cfg, backbone)
+    method = build_method(cfg, backbone, num_classes)
     rela_map = (RelaMap(backbone.feature_dim, target_dim, cfg.rela_train_map, seed=cfg.seed + 2, bias=cfg.rela_map_bias)
                 if target_dim else None)
     learner = Learner(method, rela_map, num_classes)

@@ -46,6 +46,9 @@ class SslMethod(nn.Module):
     # A method with an EMA teacher: (teacher, student) attribute names, the backbones first, then the heads
     # the teacher applies in order, e.g. (("teacher_backbone", "backbone"), ("teacher_head", "head")).
     teacher_modules: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # A method that learns from labels (supervised): forward() also takes `labels`, (B,), and from_config
+    # `num_classes`.
+    uses_labels: ClassVar[bool] = False
 
     backbone: nn.Module
 

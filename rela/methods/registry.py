@@ -14,10 +14,11 @@ from rela.methods.dino import Dino
 from rela.methods.mocov3 import MocoV3
 from rela.methods.simclr import SimClr
 from rela.methods.simsiam import SimSiam
+from rela.methods.supervised import Supervised
 from rela.methods.vicreg import Vicreg
 
 METHODS: dict[str, type[SslMethod]] = {cls.name: cls for cls in (Byol, Dino, SimClr, MocoV3, BarlowTwins, Vicreg,
-                                                                 SimSiam)}
+                                                                 SimSiam, Supervised)}
 assert tuple(METHODS) == METHOD_NAMES, "rela.config.METHOD_NAMES lists the registered methods, in order"
 
 
@@ -25,9 +26,15 @@ def method_class(name: str) -> type[SslMethod]:
     return METHODS[name]
 
 
-def build_method(cfg: Config, backbone: nn.Module) -> SslMethod:
-    """The method's networks around `backbone` (heads from the global generator, seeded by --seed)."""
-    return METHODS[cfg.method].from_config(backbone, cfg)
+def build_method(cfg: Config, backbone: nn.Module, num_classes: int | None = None) -> SslMethod:
+    """The method's networks around `backbone` (heads from the global generator, seeded by --seed);
+    `num_classes` for a method that learns from labels (supervised)."""
+    cls = METHODS[cfg.method]
+    if cls.uses_labels:
+        if num_classes is None:
+            raise ValueError(f"--method {cfg.method} learns from labels: build_method needs num_classes")
+        return cls.from_config(backbone, cfg, num_classes=num_classes)
+    return cls.from_config(backbone, cfg)
 
 
 def method_reference_recipe(name: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ def learner_for(method: str, seed: int = 0, *flags: str) -> Learner:
     torch.manual_seed(seed)
     cfg = parse_config(["--dataset", "digits", "--method", method, *SMALL, *flags])
     backbone = build_backbone("small_resnet", seed=seed)
-    return Learner(build_method(cfg, backbone), None, 10)
+    return Learner(build_method(cfg, backbone, num_classes=10), None, 10)
 
 
 def batch(seed: int = 0, n: int = 8) -> TrainBatch:
@@ -42,7 +42,7 @@ def one_step(method: str, fused: bool) -> tuple[float, dict[str, torch.Tensor]]:
     # SGD: an update linear in the gradient (Adam's first step is about lr * sign(g), which turns float
     # rounding in a near-zero gradient into a full step either way)
     optimizer = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=0.1)
-    loss, _, _ = train_step(learner, optimizer, ema, [batch()], phase=method_phase(method), bank=None, lr=1e-2,
+    loss, *_ = train_step(learner, optimizer, ema, [batch()], phase=method_phase(method), bank=None, lr=1e-2,
                             momentum=0.9, autocast_dtype=None, fused=fused)
     return loss.item(), {k: v.detach().clone() for k, v in learner.state_dict().items()}
 
