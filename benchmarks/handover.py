@@ -141,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None:
             base[name] = getattr(args, name)
     started = time.time()
+    env = environment(pick_device(resolve_config(base).device))  # the commit whose code these runs run
     with tempfile.TemporaryDirectory(prefix="rela-handover-") as tmp:
         rows = run_all(base, args.variants, args.seeds, Path(tmp))
     table = summarise(rows)
     lines = verdicts(table, args.tolerance_pp)
-    env = environment(pick_device(resolve_config(base).device))
     result = {"benchmark": "handover", "environment": env, "args": {k: str(v) if isinstance(v, Path) else v
                                                                      for k, v in vars(args).items()},
               "base": base, "variants": {v: VARIANTS[v] for v in args.variants}, "runs": rows, "summary": table,
