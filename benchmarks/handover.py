@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -56,11 +57,14 @@ def run_all(base: dict, variants: list[str], seeds: int, work: Path) -> list[dic
             cfg = resolve_config({**base, **({"prior": "rand"} if name.startswith("rela") else {}), **options,
                                   "seed": seed, "out": str(work / tag), "bank_dir": str(work / "banks" / tag),
                                   "progress": False})
-            start = time.time()
+            start, load_before = time.time(), os.getloadavg()[0]
             with open(work / f"{tag}.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 result = evaluate_untrained(cfg) if name == "untrained" else run(cfg)
             row = untrained_row(result) if name == "untrained" else trained_row(result, Path(cfg.out), "rela")
-            rows.append({"run": name, "seed": seed, "options": options, **row})
+            # Other work on a shared machine shows here: the 1-minute load around the run (wall-clock is only
+            # comparable between runs at similar load).
+            rows.append({"run": name, "seed": seed, "options": options, **row, "load_1min_before": load_before,
+                         "load_1min_after": os.getloadavg()[0]})
             print(f"  {tag}: linear {row['linear_probe_top1']:.2f} kNN {row['knn_top1']:.2f}, hand-over at "
                   f"{row['rela_phase_end_step']}, {time.time() - start:.0f}s", flush=True)
     return rows
