@@ -120,6 +120,22 @@ class CorruptImageError(RelaError):
 # megapixels is ~23 kB on disk and ~2.7 GB decoded (Pillow only refuses over 2 x 89.5M pixels, and only
 # warns below). 64 megapixels (8192 x 8192) is above any photo a training set holds.
 MAX_DECODE_PIXELS = 8192 * 8192
+# Images more elongated than this (longer side over shorter) are refused the same way: a 1,000,000 x 1 PNG
+# is ~1 kB on disk and 3 MB decoded, but resizing its shorter side to an evaluation size (256 px) asks for
+# a 256M x 256 image. Panoramas stay well within it (about 10:1); at 100:1 the evaluation resize of a
+# 592 px side (518 / 0.875) is at most 35 megapixels.
+MAX_ASPECT_RATIO = 100
+
+
+def check_decode_size(path: Path, width: int, height: int) -> None:
+    """Raises CorruptImageError naming `path` if an image of width x height pixels (read from its header) is
+    over MAX_DECODE_PIXELS or more elongated than MAX_ASPECT_RATIO. Both loaders call it before decoding."""
+    if width * height > MAX_DECODE_PIXELS:
+        raise CorruptImageError(path, f"{width} x {height} pixels ({width * height / 1e6:.0f} megapixels) "
+                                      f"is over the decode limit of {MAX_DECODE_PIXELS / 1e6:.0f} megapixels")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise CorruptImageError(path, f"{width} x {height} pixels is more elongated than the limit of "
+                                      f"{MAX_ASPECT_RATIO}:1 (resizing it would take far more memory than the file)")
 
 
 def decode_image(path: Path, draft_size: int | None = None) -> np.ndarray:
@@ -130,10 +146,7 @@ def decode_image(path: Path, draft_size: int | None = None) -> np.ndarray:
             if draft_size is not None and image.format == "JPEG":
                 # JPEG's DCT scaling decodes at 1/2, 1/4 or 1/8 size for a fraction of the cost.
                 image.draft("RGB", (draft_size, draft_size))
-            width, height = image.size  # what will be decoded, read from the header (after the draft)
-            if width * height > MAX_DECODE_PIXELS:
-                raise CorruptImageError(path, f"{width} x {height} pixels ({width * height / 1e6:.0f} megapixels) "
-                                              f"is over the decode limit of {MAX_DECODE_PIXELS / 1e6:.0f} megapixels")
+            check_decode_size(path, *image.size)  # what will be decoded, read from the header (after the draft)
             return _to_rgb(image)
     except CorruptImageError:
         raise
