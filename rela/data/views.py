@@ -77,23 +77,39 @@ def _coin(n: int, p: float, gen: torch.Generator, device) -> torch.Tensor:
     return torch.rand(n, generator=gen, device=device) < p
 
 
-def random_crop_boxes(n: int, height: int, width: int, spec: ViewSpec, gen: torch.Generator,
-                      device) -> torch.Tensor:
-    """RandomResizedCrop's boxes (x1, y1, x2, y2) in pixels: 10 tries per sample, then the whole image."""
+def _per_sample(value: int | torch.Tensor, n: int, device) -> torch.Tensor:
+    """(n,) float32 on `device`: a tensor converted on its device, an int filled in (no host-to-device copy)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32).expand(n)
+    return torch.full((n,), float(value), device=device)
+
+
+def random_crop_boxes(n: int, height: int | torch.Tensor, width: int | torch.Tensor, spec: ViewSpec,
+                      gen: torch.Generator, device) -> torch.Tensor:
+    """RandomResizedCrop's boxes (x1, y1, x2, y2) in pixels, as torchvision draws them: 10 tries per sample
+    of an area (a fraction `crop_scale` of the image's) and a ratio (log-uniform in `crop_ratio`), the first
+    that fits; else the largest central box whose ratio is within `crop_ratio` (the whole image if its own
+    ratio is). height, width: every image's (ints), or each sample's own ((n,) tensors on `device`)."""
     tries = 10
-    area = height * width
-    scale = _uniform(n * tries, *spec.crop_scale, gen, device) * area
+    height, width = _per_sample(height, n, device), _per_sample(width, n, device)
+    area = (height * width)[:, None]
+    scale = _uniform(n * tries, *spec.crop_scale, gen, device).view(n, tries) * area
     log_ratio = _uniform(n * tries, math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1]), gen, device)
-    ratio = torch.exp(log_ratio)
-    w = torch.sqrt(scale * ratio).round().view(n, tries)
-    h = torch.sqrt(scale / ratio).round().view(n, tries)
-    ok = (w >= 1) & (h >= 1) & (w <= width) & (h <= height)
-    first_ok = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1, device=device))
-    pick = first_ok.clamp(min=0)[:, None]
-    w = torch.where(first_ok >= 0, w.gather(1, pick)[:, 0], torch.full((n,), float(width), device=device))
-    h = torch.where(first_ok >= 0, h.gather(1, pick)[:, 0], torch.full((n,), float(height), device=device))
+    ratio = torch.exp(log_ratio).view(n, tries)
+    w = torch.sqrt(scale * ratio).round()
+    h = torch.sqrt(scale / ratio).round()
+    ok = (w >= 1) & (h >= 1) & (w <= width[:, None]) & (h <= height[:, None])
+    found = ok.any(1)
+    pick = ok.float().argmax(1, keepdim=True)  # the first try that fits
+    low, high = spec.crop_ratio
+    fallback_w = torch.where(width / height > high, torch.round(height * high).clamp(min=1), width)
+    fallback_h = torch.where(width / height < low, torch.round(width / low).clamp(min=1), height)
+    w = torch.where(found, w.gather(1, pick)[:, 0], fallback_w)
+    h = torch.where(found, h.gather(1, pick)[:, 0], fallback_h)
     x1 = torch.floor(torch.rand(n, generator=gen, device=device) * (width - w + 1))
     y1 = torch.floor(torch.rand(n, generator=gen, device=device) * (height - h + 1))
+    x1 = torch.where(found, x1, torch.floor((width - w) / 2))
+    y1 = torch.where(found, y1, torch.floor((height - h) / 2))
     return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
 
 
@@ -144,19 +160,32 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> to
     return flat.reshape(n, c, h, w)
 
 
-def augment_batch(images: torch.Tensor, spec: ViewSpec, out_size: int, gen: torch.Generator) -> torch.Tensor:
+def augment_batch(images: torch.Tensor, spec: ViewSpec, out_size: int, gen: torch.Generator,
+                  extents: torch.Tensor | None = None) -> torch.Tensor:
     """One view of a batch.
 
     images: (B, 3, H, W) uint8 on any device. Returns (B, 3, out_size, out_size) float32 in [0, 1]
     (normalisation is the caller's). Random parameters come from `gen`, which lives on images' device.
+    extents: None, every image fills its H x W; or (B, 2) int64 on images' device, each image's own (height,
+    width), held in a canvas as the torch loader lays files out (loader.py `frame_canvas`): at the top left,
+    transposed where height > width, its last row and column repeated once past it. Crops are then drawn
+    within each image's own extent and come out in its own orientation.
     """
-    n, _, height, width = images.shape
+    n = images.shape[0]
     device = images.device
     x = images.float().div_(255)
-    boxes = random_crop_boxes(n, height, width, spec, gen, device)
+    if extents is None:
+        boxes = random_crop_boxes(n, images.shape[2], images.shape[3], spec, gen, device)
+    else:
+        height, width = extents.unbind(1)
+        boxes = random_crop_boxes(n, height, width, spec, gen, device)
+        transposed = height > width
+        boxes = torch.where(transposed[:, None], boxes.view(n, 2, 2).flip(-1).reshape(n, 4), boxes)
     rois = torch.cat([torch.arange(n, device=device, dtype=x.dtype)[:, None], boxes], dim=1)
     # roi_align samples a bilinear grid per output bin: crop and resize of every sample in one call.
     x = roi_align(x, rois, output_size=out_size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    if extents is not None:
+        x = torch.where(transposed[:, None, None, None], x.transpose(-1, -2), x)
     flip = _coin(n, spec.flip_p, gen, device)
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     if spec.jitter_p > 0:

@@ -205,8 +205,8 @@ def draw_view_params(spec: ViewSpec, sizes: np.ndarray, out_size: int, rng: np.r
     """Every random choice of one view for a batch, as pipelines.VIEW_INPUTS.
 
     sizes: (n, 2) height, width of the images. The crop window follows views.random_crop_boxes
-    (RandomResizedCrop: 10 tries, then the whole image). Everything is drawn whatever the spec's
-    probabilities, so the draws of a step do not depend on the view mode.
+    (RandomResizedCrop: 10 tries, then the largest central window within the ratio range). Everything is
+    drawn whatever the spec's probabilities, so the draws of a step do not depend on the view mode.
     """
     n, tries = len(sizes), 10
     height, width = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
@@ -216,10 +216,13 @@ def draw_view_params(spec: ViewSpec, sizes: np.ndarray, out_size: int, rng: np.r
     w, h = np.round(np.sqrt(scale * ratio)), np.round(np.sqrt(scale / ratio))
     ok = (w >= 1) & (h >= 1) & (w <= width[:, None]) & (h <= height[:, None])
     first, found = ok.argmax(1), ok.any(1)
-    w = np.where(found, w[np.arange(n), first], width)
-    h = np.where(found, h[np.arange(n), first], height)
-    x0 = np.floor(rng.random(n) * (width - w + 1))
-    y0 = np.floor(rng.random(n) * (height - h + 1))
+    low, high = spec.crop_ratio
+    fallback_w = np.where(width / height > high, np.maximum(1, np.round(height * high)), width)
+    fallback_h = np.where(width / height < low, np.maximum(1, np.round(width / low)), height)
+    w = np.where(found, w[np.arange(n), first], fallback_w)
+    h = np.where(found, h[np.arange(n), first], fallback_h)
+    x0 = np.where(found, np.floor(rng.random(n) * (width - w + 1)), np.floor((width - w) / 2))
+    y0 = np.where(found, np.floor(rng.random(n) * (height - h + 1)), np.floor((height - h) / 2))
 
     def coin(p: float) -> np.ndarray:
         return rng.random(n) < p

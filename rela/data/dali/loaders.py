@@ -25,8 +25,8 @@ class DaliTrainLoader:
 
     `set_view_mode(mode)` ("rela", or the method's name) applies to every batch yielded after the call (see driver.py).
     `decode_size` is accepted for the torch loader's signature and not used: DALI crops the
-    full-resolution image, as BYOL's RandomResizedCrop does, where the torch loader first squashes files
-    to a decode_size square to batch them.
+    full-resolution image, as BYOL's RandomResizedCrop does, where the torch loader first scales files
+    down (aspect kept) to a shorter side of decode_size to batch them.
     """
 
     def __init__(self, dataset: ArrayImages | FileImages, sampler: BudgetSampler, *, image_size: int,
