@@ -1,8 +1,10 @@
 """Files at their own aspect ratio: the torch loader's training crops are drawn within each image's own
-frame (as torchvision's RandomResizedCrop and the DALI loader draw them), and an absurdly elongated image
-is refused as corrupt before any resize."""
+frame (as torchvision's RandomResizedCrop and the DALI loader draw them), an absurdly elongated image is
+refused as corrupt before any resize, and DALI's host reader reads a batch's files side by side and each
+file's header once."""
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 
 from rela.data import datasets
 from rela.data.budget import BudgetSampler
+from rela.data.dali import driver
 from rela.data.datasets import CorruptImageError, FileImages
 from rela.data.loader import TorchImageSource, TorchTrainLoader
 from rela.data.views import Normalize, ViewSpec
@@ -146,6 +149,8 @@ def test_an_absurdly_elongated_image_is_refused_in_one_line_naming_it(tmp_path):
             message = str(err.value)
             assert path in message and "elongated" in message and "--skip-corrupt" in message
             assert "\n" not in message
+        with pytest.raises(CorruptImageError, match="elongated"):
+            driver.HostReader(dataset, skip_corrupt=False, num_threads=2).read(np.arange(8))
 
 
 def test_skip_corrupt_skips_an_absurdly_elongated_image(tmp_path):
@@ -157,6 +162,9 @@ def test_skip_corrupt_skips_an_absurdly_elongated_image(tmp_path):
         source = TorchImageSource(dataset, CPU, skip_corrupt=True)
         loaded = source.load(torch.arange(8), size=32, crop_fraction=0.875)
         assert loaded[line].max() == 0 and source.skipped == {line}
+        reader = driver.HostReader(dataset, skip_corrupt=True, num_threads=2)
+        assert reader.submit(np.arange(8)).result().index.tolist() == [i for i in range(8) if i != line]
+        assert reader.skipped == {line}
 
 
 def test_decode_refuses_beyond_the_aspect_limit_only(tmp_path):
@@ -168,3 +176,43 @@ def test_decode_refuses_beyond_the_aspect_limit_only(tmp_path):
     assert datasets.decode_image(tmp_path / "at.png").shape == (2, limit * 2, 3)
     with pytest.raises(CorruptImageError, match="elongated"):
         datasets.decode_image(tmp_path / "over.png")
+
+
+# ---- (c) DALI's host reader --------------------------------------------------------------------------
+
+class _MeetingFiles(FileImages):
+    """FileImages whose `path` waits until `parties` threads ask for one at the same time."""
+
+    def __init__(self, dataset: FileImages, parties: int):
+        super().__init__(dataset.root, dataset.files, dataset.labels, dataset.name)
+        self.barrier = threading.Barrier(parties, timeout=5)
+
+    def path(self, index: int) -> Path:
+        self.barrier.wait()
+        return super().path(index)
+
+
+def test_the_dali_reader_reads_a_batchs_files_on_as_many_threads_as_asked(tmp_path):
+    """Six files of one batch, six threads: all six are read at once (the reader used at most four threads,
+    and one per batch)."""
+    rng = np.random.default_rng(5)
+    dataset = _MeetingFiles(_save(tmp_path / "images", [rng.integers(0, 256, (8, 8, 3), np.uint8)] * 6), 6)
+    reader = driver.HostReader(dataset, skip_corrupt=False, num_threads=6)
+    batch = reader.submit(np.arange(6)).result()
+    assert batch.index.tolist() == list(range(6)) and batch.sizes.tolist() == [[8, 8]] * 6
+
+
+def test_the_dali_reader_reads_each_header_once(tmp_path, monkeypatch):
+    rng = np.random.default_rng(6)
+    dataset = _save(tmp_path / "images", [rng.integers(0, 256, (8 + i, 12, 3), np.uint8) for i in range(6)])
+    from PIL import Image
+
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    reader = driver.HostReader(dataset, skip_corrupt=False, num_threads=2)
+    for epoch in range(3):
+        batch = reader.submit(np.arange(6)).result()
+        assert batch.sizes.tolist() == [[8 + i, 12] for i in range(6)]
+        assert all(np.array_equal(data, np.fromfile(dataset.path(i), np.uint8)) for i, data in enumerate(batch.data))
+    assert len(opened) == 6

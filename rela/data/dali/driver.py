@@ -14,12 +14,15 @@ steps and takes them back in order.
   when `set_view_mode` has changed them since, the loader discards the steps in flight and feeds them
   again with the new views before yielding any of them. So every batch yielded after the call has the
   new views, at the cost of recomputing at most `prefetch` batches once per switch.
-- Bad files get the torch loader's handling. The host reads each file and its header (PIL, no decode):
-  the header gives the size the crop window is drawn on, and a file without a readable header, or in a
-  format DALI does not decode (GIF), is corrupt. A file that passes but fails in DALI's decoder fails
-  its step; the host then finds the file (PIL decode, else DALI one file at a time with the same
-  decoder: nvJPEG on the same GPU for a GPU pipeline, since a file can decode on the CPU and not there),
-  rebuilds the pipeline (DALI drops a pipeline after an error) and feeds the step again without it.
+- Files are read by a pool of `num_threads` threads (the run's --workers), one task per file, so a batch's
+  files are read side by side. Each file's header is read once (PIL, no decode), the first time the file
+  is read; later epochs read only its bytes.
+- Bad files get the torch loader's handling. The header gives the size the crop window is drawn on; a file
+  without a readable header, in a format DALI does not decode (GIF), or over the decode limits
+  (datasets.check_decode_size: too many pixels, too elongated) is corrupt. A file that passes but fails in
+  DALI's decoder fails its step; the host then finds the file (PIL decode, else DALI one file at a time
+  with the same decoder: nvJPEG on the same GPU for a GPU pipeline, since a file can decode on the CPU and
+  not there), rebuilds the pipeline (DALI drops a pipeline after an error) and feeds the step again without it.
   Either way a CorruptImageError names the file, or with skip_corrupt the sample is dropped and its index
   added to `skipped`. PNG, BMP, TIFF, WebP and PNM files decode (on the CPU, also under `mixed`).
 - A batch whose files were all skipped still makes a step, as in the torch loader: black images under
@@ -40,7 +43,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from rela.data.datasets import ArrayImages, CorruptImageError, FileImages, decode_image
+from rela.data.datasets import ArrayImages, CorruptImageError, FileImages, check_decode_size, decode_image
 from rela.data.views import ViewSpec, blur_kernel_size
 
 # What PIL calls the formats DALI's decoder reads (MPO: camera JPEGs with a second picture appended).
@@ -64,9 +67,20 @@ class HostBatch:
         return HostBatch(self.index[mask], self.position[mask], data, self.sizes[mask])
 
 
+class PendingBatch:
+    """A batch whose files the reader's pool is reading, one task per file. `result()` waits for them and
+    applies the corrupt-file policy in index order, as reading them one after the other would."""
+
+    def __init__(self, tasks: list[Future], assemble: Callable[[list], HostBatch]):
+        self._tasks, self._assemble = tasks, assemble
+
+    def result(self) -> HostBatch:
+        return self._assemble([task.result() for task in self._tasks])
+
+
 class HostReader:
-    """Reads index batches for the pipelines: file bytes and header sizes (files, on a thread pool:
-    file reads release the GIL) or array slices. Applies the corrupt-file policy."""
+    """Reads index batches for the pipelines: file bytes and header sizes (files, on a pool of `num_threads`
+    threads, one task per file: file reads release the GIL) or array slices. Applies the corrupt-file policy."""
 
     def __init__(self, dataset: ArrayImages | FileImages, *, skip_corrupt: bool, num_threads: int,
                  device_id: int | None = None):
@@ -74,33 +88,42 @@ class HostReader:
         self.device_id = device_id  # the pipelines' GPU (None: CPU), where a failed decode is diagnosed
         self.files = isinstance(dataset, FileImages)
         self.skipped: set[int] = set()
-        self._pool = ThreadPoolExecutor(max(1, min(4, num_threads)), thread_name_prefix="rela-dali-read") \
+        self._pool = ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="rela-dali-read") \
             if self.files else None
+        # Each file's (height, width) from its header, kept from its first read on (0: not read yet).
+        self._sizes = np.zeros((len(dataset), 2), dtype=np.int32) if self.files else None
 
-    def submit(self, indices: np.ndarray) -> Future:
+    def submit(self, indices: np.ndarray) -> Future | PendingBatch:
+        """The batch of `indices`, read in the background (files) or at once (arrays): `.result()` gives it."""
         if self._pool is None:
             return _done(self.read(indices))
-        return self._pool.submit(self.read, indices)
+        index = np.asarray(indices, dtype=np.int64).reshape(-1)
+        tasks = [self._pool.submit(self._read_or_error, i) for i in index.tolist()]
+        return PendingBatch(tasks, lambda results: self._assemble(index, results))
 
     def read(self, indices: np.ndarray) -> HostBatch:
         index = np.asarray(indices, dtype=np.int64).reshape(-1)
-        position = np.arange(len(index))
         if not self.files:
             images = self.dataset.images[index]
             sizes = np.tile(np.array(images.shape[1:3], dtype=np.int64), (len(index), 1))
-            return HostBatch(index, position, images, sizes)
+            return HostBatch(index, np.arange(len(index)), images, sizes)
+        return self._assemble(index, [self._read_or_error(i) for i in index.tolist()])
+
+    def _assemble(self, index: np.ndarray, results: list) -> HostBatch:
+        """The batch of `index` from each file's (bytes, size) or CorruptImageError: raises the first error, or
+        (skipping) drops the files at fault."""
         data, sizes, ok = [], np.zeros((len(index), 2), dtype=np.int64), np.ones(len(index), dtype=bool)
-        for k, i in enumerate(index.tolist()):
-            try:
-                encoded, sizes[k] = self._read_file(i)
-                data.append(encoded)
-            except CorruptImageError:
+        for k, (i, result) in enumerate(zip(index.tolist(), results)):
+            if isinstance(result, CorruptImageError):
                 if not self.skip_corrupt:
-                    raise
+                    raise result
                 self.skipped.add(i)
                 data.append(None)
                 ok[k] = False
-        return HostBatch(index, position, data, sizes).keep(ok)
+            else:
+                data.append(result[0])
+                sizes[k] = result[1]
+        return HostBatch(index, np.arange(len(index)), data, sizes).keep(ok)
 
     def placeholder(self, indices: np.ndarray) -> HostBatch:
         """Black images under `indices`: what a batch whose samples were all skipped feeds instead."""
@@ -112,21 +135,24 @@ class HostReader:
         return HostBatch(index, np.arange(len(index)), [black] * len(index),
                          np.tile(np.array(_PLACEHOLDER_SIZE, dtype=np.int64), (len(index), 1)))
 
-    def _read_file(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
-        from PIL import Image
+    def _read_or_error(self, i: int) -> tuple[np.ndarray, tuple[int, int]] | CorruptImageError:
+        try:
+            return self._read_file(i)
+        except CorruptImageError as err:
+            return err
 
+    def _read_file(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """File `i`'s bytes and (height, width); its header is checked on its first read only."""
         path = self.dataset.path(i)
         try:
             encoded = np.fromfile(path, dtype=np.uint8)
-            with Image.open(io.BytesIO(encoded.tobytes())) as image:  # reads the header only
-                fmt, (width, height) = image.format, image.size
-        except Image.UnidentifiedImageError:  # its message names the BytesIO, not the file
-            raise CorruptImageError(path, "not an image file PIL can identify") from None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # as datasets.decode_image
+        except (OSError, ValueError) as err:
             raise CorruptImageError(path, str(err) or type(err).__name__) from None
-        if fmt not in DALI_FORMATS:
-            raise CorruptImageError(path, f"DALI does not decode {fmt} images (--loader torch does)")
-        return encoded, (height, width)
+        known = self._sizes[i].copy()  # a copy: another thread may be writing the row
+        if not known.all():
+            known = np.array(_header_size(path, encoded), dtype=np.int32)
+            self._sizes[i] = known
+        return encoded, (int(known[0]), int(known[1]))
 
     def drop_undecodable(self, batch: HostBatch, error: Exception) -> HostBatch:
         """`batch` failed in DALI's decoder: finds the files at fault, raises for the first or (skipping)
@@ -149,6 +175,24 @@ class HostReader:
             raise first
         self.skipped.update(batch.index[bad].tolist())
         return batch.keep(~bad)
+
+
+def _header_size(path, encoded: np.ndarray) -> tuple[int, int]:
+    """(height, width) from a file's header (PIL, no decode); raises CorruptImageError naming `path` for a file
+    DALI cannot or should not decode."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(encoded.tobytes())) as image:  # reads the header only
+            fmt, (width, height) = image.format, image.size
+    except Image.UnidentifiedImageError:  # its message names the BytesIO, not the file
+        raise CorruptImageError(path, "not an image file PIL can identify") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # as datasets.decode_image
+        raise CorruptImageError(path, str(err) or type(err).__name__) from None
+    if fmt not in DALI_FORMATS:
+        raise CorruptImageError(path, f"DALI does not decode {fmt} images (--loader torch does)")
+    check_decode_size(path, width, height)  # DALI decodes the whole image
+    return height, width
 
 
 _PLACEHOLDER_SIZE = (32, 32)  # (height, width); any size: every graph resizes
@@ -385,7 +429,7 @@ class FedPipeline:
         A batch whose samples were all skipped as corrupt is fed as `reader.placeholder` (black images):
         every batch makes a step."""
         token = self.begin(max((len(b) for b in batches), default=1))
-        reads: dict[int, Future] = {}
+        reads: dict[int, Future | PendingBatch] = {}
         next_feed = taken = 0
         while taken < len(batches):
             if self.generation != token:
