@@ -65,6 +65,9 @@ class Config:
     image_size: int = opt(224, "training crop size in pixels", bounds='[1, 4096]')
     val_fraction: float = opt(0.2, "held-out fraction for validation when the data has no val split", bounds='(0, 1)')
     skip_corrupt: bool = opt(False, "skip images that fail to decode (and report how many) instead of stopping")
+    norm_stats: str = opt("dataset", "mean and std that normalise the views, the prior's input (rand priors) and "
+                                     "evaluation: the dataset's own, or ImageNet's at every dataset (the reference's)",
+                          ("dataset", "imagenet"))
     # What to train
     arch: str = opt("resnet50", "backbone: resnet18, resnet50, resnet18_cifar, resnet50_cifar, small_resnet, or "
                                 "timm:NAME (any timm model, randomly initialised; pip install timm)")
@@ -129,6 +132,12 @@ class Config:
     bank_dir: str = opt(".rela_cache", "folder for target banks, keyed by dataset, prior and preprocessing")
     target_bank: str | None = opt(None, "use this target bank file (error if its key or shape does not match)")
     bank_batch_size: int = opt(256, "batch size of the prior's pass over the training set", bounds='[1, inf)')
+    bank_crop_fraction: float | None = opt(None, "centre fraction of each image the prior sees, resized to its input "
+                                                 "(default: evaluation's, 1 for in-memory datasets and 0.875 for "
+                                                 "files; 1: the whole frame, the reference's)", bounds='(0, 1]')
+    prior_precision: str = opt("auto", "precision of the prior's pass (auto: bf16 autocast on CUDA, fp32 elsewhere; "
+                                       "bf16 on a CPU is CPU autocast, slow; fp32 is the reference's); part of the "
+                                       "bank's key", ("auto", "fp32", "bf16"))
     # Budget and schedule
     budget: float = opt(1.0, "fraction of the training set drawn afresh each epoch, in (0, 1]", bounds='(0, 1]')
     epochs: int = opt(100, "epochs (each over the budgeted subset)", bounds='[1, inf)')
@@ -173,7 +182,8 @@ class Config:
     fused_ops: str = opt("auto", "Triton fused losses and EMA (auto: on for CUDA)", ("auto", "on", "off"))
     loader: str = opt("auto", "data loader (auto: dali where installed and on a GPU)", ("auto", "torch", "dali"))
     workers: int = opt(4, "decoding workers per rank (file datasets)", bounds='[0, 256]')
-    sync_bn: bool = opt(False, "synchronise BatchNorm statistics across ranks")
+    sync_bn: bool | None = opt(None, "synchronise BatchNorm statistics across ranks (CUDA only; default: on under "
+                                     "--recipe reference with more than one CUDA rank, as the reference, else off)")
     ckpt_every: int = opt(500, "checkpoint every N steps (and at each epoch end, unless --ckpt-minutes)",
                           bounds='[1, inf)')
     ckpt_minutes: float = opt(0.0, "also checkpoint when this many minutes have passed since the last one (rank 0's "
@@ -217,10 +227,13 @@ PRESETS["cifar100"] = PRESETS["cifar10"]
 # The reference code's choices (LINs-lab/ReLA: main.py's defaults, methods/byol.py, boostor/rela.py,
 # metrics/lineareval.py). Applied over the preset, under the user's own flags. Its lr is absolute (1e-3
 # at any batch size): --lr is per 256 images here, so rela/options.py converts it (reference_recipe).
+# Its SyncBatchNorm with more than one GPU depends on the ranks, not an option: rela/run.py's
+# sync_batchnorm_wanted decides it from --recipe.
 REFERENCE_RECIPE: dict[str, Any] = dict(
     optimizer="adamw", weight_decay=0.01, warmup_epochs=0.0, lr_schedule="constant", base_momentum=0.99,
     momentum_schedule="constant", proj_hidden=0, proj_dim=256, rela_map_bias=True, rela_views="reference",
-    probe_protocol="reference")
+    probe_protocol="reference", rela_averaging_scale=1.0, norm_stats="imagenet", bank_crop_fraction=1.0,
+    prior_precision="fp32")
 REFERENCE_LR = 1e-3
 
 
@@ -287,7 +300,7 @@ TRAJECTORY_OPTIONS = ("dataset", "data", "image_size", "arch", "prior", "prior_s
                       "rela_crop_min_scale", "byol_crop_min_scale", "val_fraction", "sync_bn", "method", "temperature", "dino_out_dim",
                       "dino_student_temp", "dino_teacher_temp", "dino_warmup_teacher_temp", "dino_warmup_teacher_epochs",
                       "dino_center_momentum", "dino_head_layers", "dino_head_bn", "barlow_lambda", "vicreg_sim_weight", "vicreg_var_weight",
-                      "vicreg_cov_weight")
+                      "vicreg_cov_weight", "recipe", "norm_stats", "bank_crop_fraction", "prior_precision")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -18,12 +18,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rela.config import Config
 from rela.data.budget import BudgetSampler
-from rela.data.datasets import DatasetSplits, load_dataset
+from rela.data.datasets import DatasetSplits, load_dataset, with_norm_stats
 from rela.data.factory import build_image_source, create_loaders
 from rela.data.interfaces import ImageSource, TrainLoader
 from rela.data.views import Normalize, resize_center_crop
 from rela.errors import RelaError
-from rela.eval.features import center_crop_fraction
+from rela.eval.features import bank_crop_fraction, center_crop_fraction
 from rela.eval.monitor import KnnMonitor
 from rela.methods.byol import target_momentum
 from rela.methods.learner import RELA_PHASE, Learner, Phase, method_phase, phase_named
@@ -147,13 +147,15 @@ def build_run(cfg: Config, dist: DistInfo, device: torch.device, run_dir: Path, 
     autocast_dtype = autocast_dtype_for(cfg.precision, device)
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
     fused = {"auto": None, "on": True, "off": False}[cfg.fused_ops]
+    sync_bn = sync_batchnorm_wanted(cfg, dist.world_size, device)  # --sync-bn off CUDA: an error before any work
     if fused:
         try:
             use_kernels(True, device)
         except RuntimeError as err:  # no Triton, or CPU tensors without the interpreter: one line, before any work
             raise RelaError(f"--fused-ops on: {err}") from None
 
-    splits = load_dataset(cfg.dataset, cfg.data, split_seed=cfg.seed, val_fraction=cfg.val_fraction)
+    splits = with_norm_stats(load_dataset(cfg.dataset, cfg.data, split_seed=cfg.seed, val_fraction=cfg.val_fraction),
+                             cfg.norm_stats)
     sampler = BudgetSampler(len(splits.train), cfg.budget, micro_batch, seed=cfg.seed, rank=dist.rank,
                             world_size=dist.world_size)
     # Views leave the loader in the autocast dtype (bf16 on CUDA) and layout the model wants.
@@ -166,15 +168,19 @@ def build_run(cfg: Config, dist: DistInfo, device: torch.device, run_dir: Path, 
              f"classes; {dist.world_size} rank(s) on {device}; loader {'dali' if loaders.use_dali else 'torch'}")
 
     backbone = build_backbone(cfg.arch, seed=cfg.seed)
-    bank = build_target_bank(cfg, splits, loaders.train_source, crop_fraction, backbone.feature_dim, dist, device, log)
+    bank = build_target_bank(cfg, splits, loaders.train_source, bank_crop_fraction(splits, cfg.bank_crop_fraction),
+                             backbone.feature_dim, dist, device, log)
 
     learner, model, ema, optimizer = build_networks(cfg, backbone, bank.dim if bank else None, splits.num_classes,
                                                     dist, device, channels_last=channels_last, fused=fused)
 
-    if cfg.sync_bn and dist.enabled and compiles(cfg, device):
+    if sync_bn and cfg.sync_bn is None:
+        log.info(f"SyncBatchNorm across the {dist.world_size} CUDA ranks: --recipe reference, as the reference code "
+                 "(--no-sync-bn keeps per-rank BN)")
+    if sync_bn and compiles(cfg, device):
         log.info("note: --sync-bn with --compile: torch.compile breaks the graph at every SyncBatchNorm layer "
                  "(its collectives are not traced; pytorch/pytorch#161302), so the backbone runs as many small "
-                 "graphs; leave out --sync-bn (per-rank BN, the default) for one graph")
+                 "graphs; --no-sync-bn (per-rank BN, the project's default) compiles to one graph")
     schedule = _build_schedule(cfg, -(-sampler.steps_per_epoch // cfg.grad_accum))
     controller = PhaseController(device, threshold=cfg.rela_threshold, averaging_scale=cfg.rela_averaging_scale)
     if bank is not None and schedule.rela_end_fixed is None and schedule.total_steps < controller.earliest_plateau_step():
@@ -194,7 +200,8 @@ def build_run(cfg: Config, dist: DistInfo, device: torch.device, run_dir: Path, 
 
 def build_target_bank(cfg: Config, splits: DatasetSplits, train_source: ImageSource, crop_fraction: float,
                       target_dim: int, dist: DistInfo, device: torch.device, log: RunLog) -> TargetBank | None:
-    """The prior's PCA-reduced features of every training image (None for --prior none)."""
+    """The prior's PCA-reduced features of every training image (None for --prior none); `crop_fraction`: the
+    centre of each image the prior sees (rela.eval.features.bank_crop_fraction)."""
     prior_seed = cfg.seed if cfg.prior_seed is None else cfg.prior_seed  # rand: the student's own initial network
     prior = load_prior(cfg.prior, arch=cfg.arch, image_size=cfg.image_size, seed=prior_seed,
                        prior_size=cfg.prior_size, data_mean=splits.mean, data_std=splits.std)
@@ -215,7 +222,8 @@ def build_target_bank(cfg: Config, splits: DatasetSplits, train_source: ImageSou
         dataset_fingerprint=agreed_fingerprint(splits.train, dist, list_dir),
         dataset_name=cfg.dataset, crop_fraction=crop_fraction, target_dim=target_dim,
         bank_dir=Path(cfg.bank_dir), batch_size=cfg.bank_batch_size, dist=dist, device=device, log=log,
-        explicit_path=Path(cfg.target_bank) if cfg.target_bank else None, show_progress=cfg.progress)
+        explicit_path=Path(cfg.target_bank) if cfg.target_bank else None, show_progress=cfg.progress,
+        precision=cfg.prior_precision)
     log.info(f"target bank ready in {bank.build_seconds:.1f}s ({'reused' if bank.reused else 'built'})")
     return bank
 
@@ -230,9 +238,7 @@ def build_networks(cfg: Config, backbone: nn.Module, target_dim: int | None, num
     rela_map = (RelaMap(backbone.feature_dim, target_dim, cfg.rela_train_map, seed=cfg.seed + 2, bias=cfg.rela_map_bias)
                 if target_dim else None)
     learner = Learner(method, rela_map, num_classes)
-    if cfg.sync_bn and device.type != "cuda":
-        raise RelaError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
-    if cfg.sync_bn and dist.enabled:
+    if sync_batchnorm_wanted(cfg, dist.world_size, device):
         learner = nn.SyncBatchNorm.convert_sync_batchnorm(learner)
     learner = learner.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     ema = make_ema_updater(learner, fused)  # before the optimiser and DDP: it moves weights into flat buffers
@@ -244,6 +250,17 @@ def build_networks(cfg: Config, backbone: nn.Module, target_dim: int | None, num
     optimizer = build_optimizer(learner.named_parameters(), cfg.optimizer, peak_learning_rate(cfg), cfg.weight_decay)
     model = wrap_for_ranks(learner, dist, device, RELA_PHASE if rela_map is not None else method_phase(cfg.method))
     return learner, model, ema, optimizer
+
+
+def sync_batchnorm_wanted(cfg: Config, world_size: int, device: torch.device) -> bool:
+    """Whether the learner's BatchNorm layers become SyncBatchNorm: --sync-bn or --no-sync-bn as given, and by
+    default under --recipe reference when more than one CUDA rank trains (the reference code's Lightning setting
+    with several GPUs). One rank has nothing to synchronise; an explicit --sync-bn off CUDA is an error (torch's
+    SyncBatchNorm has no CPU implementation)."""
+    if cfg.sync_bn and device.type != "cuda":
+        raise RelaError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
+    wanted = cfg.recipe == "reference" and device.type == "cuda" if cfg.sync_bn is None else cfg.sync_bn
+    return wanted and world_size > 1
 
 
 def compiles(cfg: Config, device: torch.device) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +189,17 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 DATASETS = ("digits", "mnist5k", "cifar10", "cifar100", "imagefolder")
+
+
+def with_norm_stats(splits: DatasetSplits, stats: str) -> DatasetSplits:
+    """`splits` with the mean and std that normalise their images (--norm-stats): "dataset" keeps their own,
+    "imagenet" takes ImageNet's at every dataset, as the reference code does. Every use of the statistics (the
+    loader's Normalize, a rand prior's input, evaluation, the kNN monitor, backbone.pt) reads them here."""
+    if stats == "dataset":
+        return splits
+    if stats == "imagenet":
+        return replace(splits, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    raise RelaError(f"--norm-stats must be 'dataset' or 'imagenet', got {stats!r}")
 
 
 def load_dataset(name: str, path: str | None, *, split_seed: int = 0, val_fraction: float = 0.2) -> DatasetSplits:

@@ -17,6 +17,12 @@ def center_crop_fraction(splits: DatasetSplits) -> float:
     return 1.0 if splits.in_memory else 0.875
 
 
+def bank_crop_fraction(splits: DatasetSplits, given: float | None) -> float:
+    """The centre crop of the prior's pass (--bank-crop-fraction): `given`, or evaluation's (center_crop_fraction).
+    The reference code resizes and centre-crops the whole frame (1.0) at every dataset."""
+    return center_crop_fraction(splits) if given is None else given
+
+
 @torch.no_grad()
 def extract_features(backbone: nn.Module, source: ImageSource, *, size: int, crop_fraction: float, normalize: Normalize,
                      batch_size: int, dist: dist_utils.DistInfo, autocast_dtype=None, show_progress: bool = False

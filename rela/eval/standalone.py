@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from rela.config import Config, shorten
-from rela.data.datasets import load_dataset
+from rela.data.datasets import load_dataset, with_norm_stats
 from rela.data.factory import build_image_source, choose_loader
 from rela.errors import RelaError
 from rela.eval.frozen import PROBE_PROTOCOLS, evaluate_frozen
@@ -34,7 +34,7 @@ from rela.utils.files import atomic_write_json, write_errors_named
 # Options of the run that carry over to its evaluation unless given (dataset-specific ones only when the
 # evaluation is on the run's own dataset).
 FROM_RUN = ("seed", "probe_protocol", "probe_epochs", "knn_k", "knn_temperature", "eval_batch_size", "workers",
-            "image_size", "skip_corrupt")
+            "image_size", "skip_corrupt", "norm_stats")
 FROM_RUN_SAME_DATASET = ("data", "preset", "val_fraction")
 
 
@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="its data folder (CIFAR batches, ImageFolder tree)")
     parser.add_argument("--arch", help="the backbone's architecture (default: the file's or the run's)")
     parser.add_argument("--image-size", type=int, help="evaluation size in pixels (default: the run's)")
+    parser.add_argument("--norm-stats", choices=Config.__dataclass_fields__["norm_stats"].metadata["choices"],
+                        help="normalise with the dataset's own mean and std or ImageNet's (default: the run's)")
     parser.add_argument("--probe-protocol", choices=(*PROBE_PROTOCOLS, "both"),
                         help="linear probe protocol (default: the run's); 'both' runs the two on the same features")
     parser.add_argument("--probe-epochs", type=int)
@@ -130,7 +132,8 @@ def evaluate_backbone(args: argparse.Namespace) -> dict:
     protocols = list(PROBE_PROTOCOLS) if protocol == "both" else [protocol or cfg.probe_protocol]
 
     device = pick_device(cfg.device)
-    splits = load_dataset(cfg.dataset, cfg.data, split_seed=cfg.seed, val_fraction=cfg.val_fraction)
+    splits = with_norm_stats(load_dataset(cfg.dataset, cfg.data, split_seed=cfg.seed, val_fraction=cfg.val_fraction),
+                             cfg.norm_stats)
     use_dali = choose_loader(cfg, device, splits.train)
     backbone = backbone.to(device)
     results = evaluate_frozen(backbone, build_image_source(cfg, splits.train, device, use_dali),

@@ -7,10 +7,10 @@ The raw pass over the images is rela._C's (rela/prior/raw_features.py): sharded 
 Two runs that need the same bank at once do not both build it: the first holds a file lock beside it
 while it checks and builds, the second waits and then reuses the bank. A bank file is checked before use
 (its zip archive's CRC-32s: a flipped byte or a torn file) and read with the weights-only unpickler.
-On CUDA the prior runs under bf16 autocast on channels_last images (fp32 elsewhere); the precision is part
-of the key, so a bf16 bank is never taken for an fp32 one. The next batch's images are read on a thread
-while the prior runs on the current one, and the PCA projection of the rows is split over ranks and
-gathered.
+On CUDA the prior runs under bf16 autocast on channels_last images (fp32 elsewhere; --prior-precision chooses);
+the precision is part of the key, so a bf16 bank is never taken for an fp32 one. The next batch's images are
+read on a thread while the prior runs on the current one, and the PCA projection of the rows is split over
+ranks and gathered.
 
 Several nodes (torchrun --nnodes N): rank 0 alone takes the dataset's fingerprint (a stat of every file; a node's
 staged copy has its own modification times) and caches the file list beside the banks; every other rank checks
@@ -62,8 +62,16 @@ class TargetBank:
         return self.targets.index_select(0, index)
 
 
-def prior_precision(device: torch.device) -> str:
-    """How the prior runs on `device`: "bf16" (autocast, channels_last) on CUDA, "fp32" elsewhere."""
+PRIOR_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def prior_precision(device: torch.device, choice: str = "auto") -> str:
+    """How the prior runs on `device` (--prior-precision `choice`): "fp32" or "bf16" as asked; auto is "bf16"
+    (autocast, channels_last) on CUDA and "fp32" elsewhere."""
+    if choice not in PRIOR_PRECISIONS:
+        raise RelaError(f"--prior-precision must be one of {', '.join(PRIOR_PRECISIONS)}, got {choice!r}")
+    if choice != "auto":
+        return choice
     return "bf16" if torch.device(device).type == "cuda" else "fp32"
 
 
@@ -83,8 +91,8 @@ def bank_key(*, dataset: str, prior: Prior, crop_fraction: float, target_dim: in
 
 
 def prior_encoder(encoder: torch.nn.Module, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """images (B, C, H, W) -> (B, D) float32 features, run at `precision` ("bf16": CUDA autocast on
-    channels_last images and weights, as the trainer runs its networks; "fp32": as it is)."""
+    """images (B, C, H, W) -> (B, D) float32 features, run at `precision` ("bf16": autocast on the images'
+    device, CUDA or CPU, on channels_last images and weights, as the trainer runs its networks; "fp32": as it is)."""
     if precision == "fp32":
         return encoder
     if precision != "bf16":
@@ -92,7 +100,7 @@ def prior_encoder(encoder: torch.nn.Module, precision: str) -> Callable[[torch.T
     encoder = encoder.to(memory_format=torch.channels_last)
 
     def encode(images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(images.device.type, dtype=torch.bfloat16):
             return encoder(images.contiguous(memory_format=torch.channels_last)).float()
 
     return encode
@@ -281,11 +289,12 @@ def load_bank_file(path: Path, wanted_key: dict, device) -> TargetBank:
 def prepare_target_bank(prior: Prior, load_images, *, num_rows: int, dataset_fingerprint: str, dataset_name: str,
                         crop_fraction: float, target_dim: int, bank_dir: Path, batch_size: int,
                         dist: dist_utils.DistInfo, device: torch.device, log, explicit_path: Path | None = None,
-                        show_progress: bool = True) -> TargetBank:
-    """Reuses or builds the bank. load_images(indices int64 (B,)) -> normalised prior input on `device`."""
+                        show_progress: bool = True, precision: str = "auto") -> TargetBank:
+    """Reuses or builds the bank. load_images(indices int64 (B,)) -> normalised prior input on `device`.
+    precision: --prior-precision ("auto", "fp32", "bf16"), resolved for `device` by prior_precision."""
     start = time.time()
     key = bank_key(dataset=dataset_fingerprint, prior=prior, crop_fraction=crop_fraction,
-                   target_dim=target_dim, num_rows=num_rows, precision=prior_precision(device))
+                   target_dim=target_dim, num_rows=num_rows, precision=prior_precision(device, precision))
     if explicit_path is not None:
         bank = load_bank_file(Path(explicit_path), key, device)
         log.info(f"target bank: {explicit_path} ({num_rows} x {bank.dim})")
