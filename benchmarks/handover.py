@@ -49,9 +49,9 @@ def plan(variants: list[str]) -> list[tuple[str, dict]]:
         [(f"rela-{v}", VARIANTS[v]) for v in variants] + [("untrained", {})]
 
 
-def run_all(base: dict, variants: list[str], seeds: int, work: Path) -> list[dict]:
+def run_all(base: dict, variants: list[str], seeds: list[int], work: Path) -> list[dict]:
     rows = []
-    for seed in range(seeds):
+    for seed in seeds:
         for name, options in plan(variants):
             tag = f"{name}-seed{seed}"
             cfg = resolve_config({**base, **({"prior": "rand"} if name.startswith("rela") else {}), **options,
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="mnist5k")
     parser.add_argument("--budget", type=float, default=0.2)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds FIRST..FIRST+SEEDS-1 (held-out seeds for a variant chosen on others)")
     parser.add_argument("--epochs", type=int, default=None, help="default: the dataset preset's")
     parser.add_argument("--arch", default=None, help="default: the dataset preset's")
     parser.add_argument("--image-size", type=int, default=None, help="default: the dataset preset's")
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     env = environment(pick_device(resolve_config(base).device))  # the commit whose code these runs run
     with tempfile.TemporaryDirectory(prefix="rela-handover-") as tmp:
-        rows = run_all(base, args.variants, args.seeds, Path(tmp))
+        rows = run_all(base, args.variants, list(range(args.first_seed, args.first_seed + args.seeds)), Path(tmp))
     table = summarise(rows)
     lines = verdicts(table, args.tolerance_pp)
     result = {"benchmark": "handover", "environment": env, "args": {k: str(v) if isinstance(v, Path) else v
