@@ -17,7 +17,7 @@ from benchmarks.timing import time_fn
 from rela.config import Config
 from rela.data.datasets import load_dataset
 from rela.data.factory import build_image_source, choose_loader
-from rela.eval.features import center_crop_fraction
+from rela.eval.features import bank_crop_fraction
 from rela.models.backbones import build_backbone
 from rela.run import build_run, build_target_bank
 from rela.utils.distributed import DistInfo
@@ -67,7 +67,7 @@ def build_fresh_bank(cfg: Config, device: torch.device, bank_dir: Path) -> dict:
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     bank = build_target_bank(dataclasses.replace(cfg, bank_dir=str(bank_dir), progress=False), splits, source,
-                             center_crop_fraction(splits), target_dim, DistInfo(), device, RunLog(None, enabled=False))
+                             bank_crop_fraction(splits, cfg.bank_crop_fraction), target_dim, DistInfo(), device, RunLog(None, enabled=False))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

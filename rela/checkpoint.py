@@ -82,5 +82,9 @@ def check_resumable(saved: dict, run: Run, path: Path) -> None:
 
 
 def _comparable(option: str, value: Any) -> Any:
-    """--data as the folder it names: `data/`, `./data` and `/abs/data` are one folder."""
+    """--data as the folder it names: `data/`, `./data` and `/abs/data` are one folder. --sync-bn's False (what a
+    checkpoint from before its recipe-chosen default saved) and None (that default) train alike outside the
+    reference recipe, which a changed --recipe catches on its own."""
+    if option == "sync_bn" and value is None:
+        return False
     return os.path.realpath(value) if option == "data" and isinstance(value, str) else value

@@ -212,3 +212,15 @@ def test_a_checkpoint_older_than_an_option_resumes_under_that_options_default():
     run.cfg = parse_config(["--dataset", "cifar10", "--method", "dino", "--dino-head-layers", "2"])
     with pytest.raises(RelaError, match="--dino-head-layers 3 -> 2"):
         check_resumable({"config": older, "world_size": 1}, run, Path("ckpt.pt"))
+
+
+def test_a_checkpoint_that_saved_sync_bn_false_resumes_under_the_recipe_chosen_default():
+    """Before --sync-bn's default became None (the recipe decides), checkpoints saved False: the same training."""
+    cfg = parse_config(["--dataset", "digits"])
+    assert cfg.sync_bn is None
+    older = {**config_to_dict(cfg), "sync_bn": False}
+    run = SimpleNamespace(cfg=cfg, dist=SimpleNamespace(world_size=1))
+    check_resumable({"config": older, "world_size": 1}, run, Path("ckpt.pt"))
+    run.cfg = parse_config(["--dataset", "digits", "--sync-bn"])
+    with pytest.raises(RelaError, match="--sync-bn False -> True"):
+        check_resumable({"config": older, "world_size": 1}, run, Path("ckpt.pt"))
