@@ -82,3 +82,13 @@ def training_rows(run_dir: Path) -> list[dict]:
 
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "loss" in r]
+
+
+def assert_same_backbones(a: Path, b: Path) -> None:
+    """Two run folders' backbone.pt hold the same tensors, bit for bit."""
+    import torch
+
+    one, two = (torch.load(p / "backbone.pt")["state_dict"] for p in (a, b))
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.equal(one[name], two[name]), name

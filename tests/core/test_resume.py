@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from builders import FAST_ARGS, training_rows
+from builders import FAST_ARGS, assert_same_backbones, training_rows
 from rela.config import config_to_dict
 from rela.errors import RelaError
 from rela.options import parse_config
@@ -25,13 +25,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 def backbone_of(run_dir: Path) -> dict:
     return torch.load(run_dir / "backbone.pt")["state_dict"]
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    whole, split = backbone_of(a), backbone_of(b)
-    assert whole.keys() == split.keys()
-    for name in whole:
-        assert torch.equal(whole[name], split[name]), name
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
@@ -133,7 +126,7 @@ def test_sigkill_between_a_log_row_and_the_next_checkpoint_loses_nothing(tmp_pat
     assert max(r["step"] for r in metric_rows(split)) == 6
     assert latest_checkpoint(split).name == "ckpt-000000004.pt"
     assert main([*ARGS, *banks, "--out", str(split), "--resume", "auto"]) == 0
-    assert_same_weights(tmp_path / "whole", split)
+    assert_same_backbones(tmp_path / "whole", split)
     assert [r["step"] for r in metric_rows(split)] == [r["step"] for r in metric_rows(tmp_path / "whole")]
 
 
@@ -145,7 +138,7 @@ def test_resume_after_the_hand_over_keeps_byol_and_its_views(tmp_path):
     saved = torch.load(latest_checkpoint(tmp_path / "split"), weights_only=False)
     assert saved["train_state"]["phase"] == "byol" and saved["loader"][0]["view_mode"] == "byol"
     assert main([*args, "--out", str(tmp_path / "split"), "--resume", "auto"]) == 0
-    assert_same_weights(tmp_path / "whole", tmp_path / "split")
+    assert_same_backbones(tmp_path / "whole", tmp_path / "split")
     after = [r for r in training_rows(tmp_path / "split") if r["step"] > 17]
     assert after and all((r["step_fn"], r["views"]) == ("byol_step", "byol") for r in after)
 
@@ -164,7 +157,7 @@ def test_resume_in_adaptive_mode_hands_over_where_the_whole_run_did(tmp_path):
     split = json.loads((tmp_path / "split" / "summary.json").read_text())
     for key in ("rela_phase_end_step", "rela_phase_ended_by", "rela_plateau_step", "train_steps"):
         assert split[key] == whole[key], key
-    assert_same_weights(tmp_path / "whole", tmp_path / "split")
+    assert_same_backbones(tmp_path / "whole", tmp_path / "split")
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from builders import FAST_ARGS, training_rows
+from builders import FAST_ARGS, assert_same_backbones, training_rows
 from rela.methods.handover import linear_weight, reset_teacher_, rho_weight
 from rela.methods.learner import RELA_PHASE, Learner, method_phase
 from rela.methods.rela import PhaseController, RelaMap, rela_loss_of
@@ -22,17 +22,6 @@ from rela.train import main
 # 3 epochs of 8 steps; with --rela-phase 0.5 the RELA phase ends at step 12.
 ARGS = [*FAST_ARGS, "--epochs", "3", "--budget", "0.1", "--prior", "rand", "--deterministic", "--ckpt-every", "4",
         "--log-every", "1", "--proj-hidden", "32", "--proj-dim", "16"]
-
-
-def backbone_weights(run_dir: Path) -> dict:
-    return torch.load(run_dir / "backbone.pt")["state_dict"]
-
-
-def assert_same_backbones(a: Path, b: Path) -> None:
-    one, two = backbone_weights(a), backbone_weights(b)
-    assert one.keys() == two.keys()
-    for name in one:
-        assert torch.equal(one[name], two[name]), name
 
 
 def test_linear_weights_fall_over_the_set_steps_and_rho_weights_between_the_two_levels():
