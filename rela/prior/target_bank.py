@@ -10,7 +10,7 @@ while it checks and builds, the second waits and then reuses the bank. A bank fi
 On CUDA the prior runs under bf16 autocast on channels_last images (fp32 elsewhere; --prior-precision chooses);
 the precision is part of the key, so a bf16 bank is never taken for an fp32 one. The next batch's images are
 read on a thread while the prior runs on the current one, and the PCA projection of the rows is split over
-ranks and gathered.
+ranks, each share broadcast into the one (N, k) tensor every rank holds.
 
 Several nodes (torchrun --nnodes N): rank 0 alone takes the dataset's fingerprint (a stat of every file; a node's
 staged copy has its own modification times) and caches the file list beside the banks; every other rank checks
@@ -435,18 +435,20 @@ def project_rows(features, projection: PcaProjection, device: torch.device, *, r
                  chunk: int = 65536, num_rows: int | None = None, first_row: int = 0,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The final pass over the raw rows (a memmap): each rank projects its share, chunk by chunk on the
-    device, and the shares are gathered (torch.distributed), so every rank returns all (N, k) rows in `dtype`.
+    device, and the shares are exchanged (torch.distributed), so every rank returns all (N, k) rows in `dtype`.
     features: rows first_row.. of the N = num_rows (default: all N rows, from 0); they must hold this rank's share.
-    Each share is cast to `dtype` before the gather: the gather's buffers are the final tensor's size, not float32's."""
+    The (N, k) result is allocated once: each rank writes its share into its own rows and every share is
+    broadcast from its rank into the same rows of the others' (broadcast_rows_), so a GPU holds one bank while
+    it runs (a gather's receive buffers and their concatenation would be two more)."""
     projection = PcaProjection(*(t.to(device) for t in (projection.mean, projection.components, projection.scale)))
     bounds = shard_bounds(len(features) if num_rows is None else num_rows, world_size)
     begin, end = bounds[rank], bounds[rank + 1]
     if begin < first_row or end > first_row + len(features):
         raise ValueError(f"rows [{first_row}, {first_row + len(features)}) do not hold rank {rank}'s [{begin}, {end})")
-    out = torch.empty((end - begin, projection.components.shape[1]), dtype=dtype, device=device)
+    out = torch.empty((bounds[-1], projection.components.shape[1]), dtype=dtype, device=device)
     for start in range(begin, end, chunk):
         rows = torch.from_numpy(features[start - first_row: min(start + chunk, end) - first_row].copy()).to(device)
-        out[start - begin: start - begin + len(rows)] = projection.apply(rows)
+        out[start: start + len(rows)] = projection.apply(rows)
     if world_size == 1:
         return out
-    return dist_utils.all_gather_rows(out, [bounds[r + 1] - bounds[r] for r in range(world_size)])
+    return dist_utils.broadcast_rows_(out, bounds)

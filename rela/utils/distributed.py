@@ -88,6 +88,32 @@ def all_gather_rows(tensor: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return torch.cat([g[:n] for g, n in zip(gathered, counts)])
 
 
+def row_counts(num_rows: int, device: torch.device) -> list[int]:
+    """Every rank's `num_rows`, in rank order (collective; one host sync); [num_rows] without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [num_rows]
+    counts = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
+    counts[dist.get_rank()] = num_rows
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return counts.tolist()
+
+
+def broadcast_rows_(out: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """Fills rows [bounds[r], bounds[r + 1]) of `out` (contiguous, (N, ...)) with rank r's, for every rank r,
+    in place: each rank has written its own rows there. Rank r broadcasts its slice straight into the others'
+    slices, so no buffer is held beside `out` (all_gather_rows holds the rows twice more: its receive
+    buffers and their concatenation). Collective; `out` as it is without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return out
+    if not out.is_contiguous() or len(bounds) != dist.get_world_size() + 1:
+        raise ValueError(f"broadcast_rows_ needs a contiguous tensor and world_size + 1 bounds, got "
+                         f"contiguous={out.is_contiguous()} and {len(bounds)} bounds")
+    for rank in range(dist.get_world_size()):
+        if bounds[rank + 1] > bounds[rank]:  # every rank knows the bounds: all skip an empty share alike
+            dist.broadcast(out[bounds[rank]: bounds[rank + 1]], src=rank)
+    return out
+
+
 def gather_objects(obj, info: DistInfo) -> list:
     """Every rank's `obj` (picklable), in rank order; [obj] without a process group."""
     if not info.enabled:
