@@ -21,7 +21,8 @@ def skipped_on_every_rank(skipped: set[int], dist: dist_utils.DistInfo) -> set[i
 
 def evaluate(run: Run) -> dict:
     """Linear-probe and kNN top-1 (percent) of the online backbone on the held-out split, and the
-    evaluation's own time. Collective: features are extracted on each rank's shard and gathered."""
+    evaluation's own time. Collective: each rank keeps its block of the training features, the validation
+    split's are gathered (rela/eval/frozen.py)."""
     cfg = run.cfg
     # Parameters must agree across ranks after training itself. Buffers need not: DDP broadcasts BN
     # statistics only at the start of a forward, so each rank ends with its own last batch's. Rank 0's,

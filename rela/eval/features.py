@@ -1,4 +1,6 @@
-"""Frozen-backbone features of a whole split, without augmentation, gathered on every rank."""
+"""Frozen-backbone features of a split, without augmentation: each rank encodes a contiguous block of it;
+`extract_local_features` keeps the block on its rank (the training split under torchrun: ImageNet's
+1.28M x 2048 float32 features are 10.5 GB whole), `extract_features` gathers the blocks on every rank."""
 from __future__ import annotations
 
 import numpy as np
@@ -24,11 +26,13 @@ def bank_crop_fraction(splits: DatasetSplits, given: float | None) -> float:
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, source: ImageSource, *, size: int, crop_fraction: float, normalize: Normalize,
-                     batch_size: int, dist: dist_utils.DistInfo, autocast_dtype=None, show_progress: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (features (N, F) float32, labels (N,)) in dataset order on `source.device`; each rank
-    encodes a contiguous block and the blocks are gathered."""
+def extract_local_features(backbone: nn.Module, source: ImageSource, *, size: int, crop_fraction: float,
+                           normalize: Normalize, batch_size: int, dist: dist_utils.DistInfo, autocast_dtype=None,
+                           show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's block of the split, nothing gathered: (features (n, F) float32, labels (n,) int64, dataset
+    indices (n,) int64), all on `source.device`. Rank r encodes the contiguous block
+    [r N / W, (r + 1) N / W) in dataset order, so the blocks in rank order are the whole split (less any
+    corrupt file skipped); n is about N / W. Without a process group: the whole split."""
     n = len(source.dataset)
     bounds = np.linspace(0, n, dist.world_size + 1).astype(int)
     mine = np.arange(bounds[dist.rank], bounds[dist.rank + 1])
@@ -49,14 +53,23 @@ def extract_features(backbone: nn.Module, source: ImageSource, *, size: int, cro
     device = source.device
     local = torch.cat(feats) if feats else torch.zeros((0, backbone.feature_dim), device=device)
     local_index = torch.cat(indices).to(device) if indices else torch.zeros(0, dtype=torch.int64, device=device)
-    if dist.enabled:
-        # Ranks may hold fewer rows than their block when corrupt files were skipped: gather true counts.
-        counts = torch.zeros(dist.world_size, dtype=torch.int64, device=device)
-        counts[dist.rank] = len(local)
-        counts = dist_utils.all_reduce_sum_(counts).tolist()
-        features = dist_utils.all_gather_rows(local, counts)
-        index = dist_utils.all_gather_rows(local_index, counts)
-    else:
-        features, index = local, local_index
-    labels = torch.as_tensor(source.dataset.labels, device=device)[index]
-    return features, labels
+    labels = torch.as_tensor(source.dataset.labels, device=device)[local_index]
+    return local, labels, local_index
+
+
+def extract_features(backbone: nn.Module, source: ImageSource, *, size: int, crop_fraction: float, normalize: Normalize,
+                     batch_size: int, dist: dist_utils.DistInfo, autocast_dtype=None, show_progress: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (features (N, F) float32, labels (N,)) in dataset order on `source.device`, on every rank: each
+    rank encodes its block (extract_local_features) and the blocks are gathered (collective). For splits
+    small enough to hold whole on every GPU: the validation split, the kNN monitor's subsets."""
+    local, local_labels, local_index = extract_local_features(
+        backbone, source, size=size, crop_fraction=crop_fraction, normalize=normalize, batch_size=batch_size,
+        dist=dist, autocast_dtype=autocast_dtype, show_progress=show_progress)
+    if not dist.enabled:
+        return local, local_labels
+    # Ranks may hold fewer rows than their block when corrupt files were skipped: gather true counts.
+    counts = dist_utils.row_counts(len(local), local.device)
+    features = dist_utils.all_gather_rows(local, counts)
+    index = dist_utils.all_gather_rows(local_index, counts)
+    return features, torch.as_tensor(source.dataset.labels, device=local.device)[index]

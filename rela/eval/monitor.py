@@ -15,7 +15,8 @@ from rela.utils.distributed import DistInfo
 
 class KnnMonitor:
     """kNN top-1 (percent) of `backbone` with the train subset as the memory bank and the val subset as
-    queries. Collective under torchrun (features are extracted on each rank's share and gathered)."""
+    queries. Collective under torchrun (features are extracted on each rank's share and gathered: the subsets
+    are small, so every rank holds both whole and runs the one-process kNN)."""
 
     def __init__(self, train_source: ImageSource, val_source: ImageSource, *, num_classes: int, size: int,
                  crop_fraction: float, normalize: Normalize, dist: DistInfo, k: int, temperature: float,
