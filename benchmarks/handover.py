@@ -95,10 +95,21 @@ def summarise(rows: list[dict]) -> list[dict]:
     return table
 
 
+def verdict_word(interval: list[float] | None, tolerance_pp: float) -> str:
+    """Does a paired interval of (RELA - the method at 100%) say RELA reaches it within `tolerance_pp`?
+    "reaches" only where the whole interval lies above -tolerance, "does not reach" where it lies below,
+    "undecided" where it covers both (or there is one seed)."""
+    if interval is None:
+        return "undecided (1 seed)"
+    if interval[0] >= -tolerance_pp:
+        return "reaches"
+    if interval[1] < -tolerance_pp:
+        return "does not reach"
+    return "undecided"
+
+
 def verdicts(table: list[dict], tolerance_pp: float) -> list[str]:
-    """Per RELA variant and metric: does it reach the method at 100% (the paired interval's lower end within
-    `tolerance_pp` below 0)? "reaches" only where the whole interval says so; "does not" where it lies below
-    -tolerance; "undecided" where it covers both."""
+    """Per RELA variant and metric: `verdict_word` on its paired interval against the method at 100%."""
     lines = []
     for entry in table:
         if not entry["run"].startswith("rela-"):
@@ -106,16 +117,8 @@ def verdicts(table: list[dict], tolerance_pp: float) -> list[str]:
         for short, label in (("linear", "linear"), ("knn", "kNN")):
             interval = entry.get(f"{short}_delta_vs_method-100%_ci95")
             delta = entry[f"{short}_delta_vs_method-100%"]
-            if interval is None:
-                verdict = "undecided (1 seed)"
-            elif interval[0] >= -tolerance_pp:
-                verdict = "reaches"
-            elif interval[1] < -tolerance_pp:
-                verdict = "does not reach"
-            else:
-                verdict = "undecided"
-            lines.append(f"{entry['run']} {label}: {verdict} the method at 100% within {tolerance_pp:g} points "
-                         f"(delta {delta:+.2f}, 95% paired CI {interval_text(interval)})")
+            lines.append(f"{entry['run']} {label}: {verdict_word(interval, tolerance_pp)} the method at 100% within "
+                         f"{tolerance_pp:g} points (delta {delta:+.2f}, 95% paired CI {interval_text(interval)})")
     return lines
 
 

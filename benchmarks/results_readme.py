@@ -1,0 +1,249 @@
+"""The README's measured results, regenerated from the committed JSON under benchmarks/results/: every number
+in the section between the README's results markers comes from a file named beside it.
+
+    python benchmarks/results_readme.py            # rewrite the section (and the hand-over pictures)
+    python benchmarks/results_readme.py --check    # exit 1 if README.md is not what the JSON gives
+
+Per (method, recipe) with a hand-over JSON (benchmarks/handover.py): the runs' final linear probe and kNN,
+the deltas to the method alone at 100% and at the same budget paired by seed with their 95% t-intervals,
+the hand-over steps and the wall-clock; then, plainly, where RELA at the budget reaches the 100% run and
+where it does not (a verdict says "reaches" only where the whole interval lies above -tolerance).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.handover import verdict_word  # noqa: E402
+from benchmarks.throughput_runs import median_time, time_to_target  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+BEGIN, END = "<!-- results:begin (python benchmarks/results_readme.py) -->", "<!-- results:end -->"
+
+METHOD_LABELS = {"byol": "BYOL", "dino": "DINO", "simclr": "SimCLR", "mocov3": "MoCo v3", "barlowtwins": "Barlow Twins",
+                 "vicreg": "VICReg", "simsiam": "SimSiam", "supervised": "Supervised"}
+METHOD_ORDER = tuple(METHOD_LABELS)
+VARIANT_LABELS = {"hard": "hard hand-over (the reference's, default)", "linear": "linear hand-over",
+                  "linear-reset": "linear hand-over + teacher reset", "rho": "rho-driven hand-over",
+                  "hard-reset": "hard hand-over + teacher reset", "throughout": "RELA throughout (--rela-phase 1.0)"}
+
+
+def run_label(kind: str, method: str, budget: float) -> str:
+    name = METHOD_LABELS[method]
+    if kind == "method-100%":
+        return f"{name} alone, 100%"
+    if kind == "method-budget":
+        return f"{name} alone, {budget:.0%}"
+    if kind == "untrained":
+        return "untrained backbone (= the rand prior's own features)"
+    return f"RELA + {name}, {budget:.0%}, {VARIANT_LABELS.get(kind.removeprefix('rela-'), kind)}"
+
+
+def delta_text(entry: dict, short: str, reference: str) -> str:
+    key = f"{short}_delta_vs_{reference}"
+    if key not in entry:
+        return "–"
+    interval = entry.get(key + "_ci95")
+    ci = "" if interval is None else f" [{interval[0]:+.2f}, {interval[1]:+.2f}]"
+    return f"{entry[key]:+.2f}{ci}"
+
+
+def accuracy_text(entry: dict, key: str) -> str:
+    seeds = ", ".join(f"{v:.1f}" for v in entry[key + "_per_seed"])
+    return f"{entry[key]:.2f} ± {entry[key + '_std']:.2f} ({seeds})"
+
+
+def hand_over_text(entry: dict) -> str:
+    steps = entry["rela_phase_end_step_per_seed"]
+    if entry["run"] in ("method-100%", "method-budget", "untrained"):
+        return "–"
+    return ", ".join("none" if s is None else str(s) for s in steps)
+
+
+def command_of(result: dict) -> str:
+    args = result["args"]
+    parts = ["python benchmarks/handover.py", f"--method {args['method']}"]
+    if args["recipe"] != "project":
+        parts.append(f"--recipe {args['recipe']}")
+    if args.get("first_seed"):
+        parts.append(f"--first-seed {args['first_seed']}")
+    parts += [f"--seeds {args['seeds']}", f"--budget {args['budget']:g}", "--variants " + " ".join(args["variants"])]
+    return " ".join(parts)
+
+
+def monitor_times(result: dict) -> tuple[float, dict[str, list[float | None]], dict[str, float]]:
+    """The kNN monitor's target (the method at 100%: its mean final monitor value minus 1 point), each run
+    kind's per-seed training clock to reach it (None: never), and each kind's mean final monitor value."""
+    by_kind: dict[str, list[dict]] = {}
+    for run in result["runs"]:
+        by_kind.setdefault(run["run"], []).append(run)
+    final = {kind: statistics.fmean(r["monitor"][-1][1] for r in runs if r["monitor"]) for kind, runs in by_kind.items()
+             if any(r["monitor"] for r in runs)}
+    target = final["method-100%"] - 1.0
+    times = {kind: [time_to_target(r["monitor"], target) for r in runs] for kind, runs in by_kind.items()}
+    return target, times, final
+
+
+def time_text(times: list[float | None]) -> str:
+    """The median over seeds (a seed that never reached the target counts as never), and how many reached it."""
+    reached = sum(t is not None for t in times)
+    median = median_time(times)
+    return f"{'never' if median is None else f'{median:.0f} s'} ({reached}/{len(times)})"
+
+
+def section_for(path: Path) -> list[str]:
+    result = json.loads(path.read_text())
+    env, args = result["environment"], result["args"]
+    method, budget = args["method"], args["budget"]
+    summary = {entry["run"]: entry for entry in result["summary"]}
+    full = summary["method-100%"]
+    picture = path.with_suffix(".png")
+    target, times, finals = monitor_times(result)
+    lines = [f"#### {METHOD_LABELS[method]}, the {args['recipe']} recipe, {args['dataset']}, {len(full['seeds'])} seeds",
+             "",
+             f"`{path.relative_to(REPO)}`: `{command_of(result)}`, on {environment_text(env)}. Deltas are paired by "
+             "seed; wall-clock includes the target bank and the evaluation.",
+             "",
+             "| run | hand-over at step | linear probe | Δ vs 100% [95% CI] | Δ vs same budget | kNN | Δ vs 100% "
+             f"[95% CI] | Δ vs same budget | monitor kNN, final | monitor to {target:.1f}% | wall-clock |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for entry in result["summary"]:
+        ratio = entry["wall_clock_s"] / full["wall_clock_s"]
+        clock = "–" if entry["run"] == "untrained" else f"{entry['wall_clock_s']:.0f} s ({ratio:.2f}x)"
+        lines.append(" | ".join([
+            f"| {run_label(entry['run'], method, budget)}", hand_over_text(entry),
+            accuracy_text(entry, "linear_probe_top1"), delta_text(entry, "linear", "method-100%"),
+            delta_text(entry, "linear", "method-budget"), accuracy_text(entry, "knn_top1"),
+            delta_text(entry, "knn", "method-100%"), delta_text(entry, "knn", "method-budget"),
+            "–" if entry["run"] == "untrained" else f"{finals[entry['run']]:.1f}",
+            "–" if entry["run"] == "untrained" else time_text(times[entry["run"]]), clock]) + " |")
+    lines += ["", f"Where RELA + {METHOD_LABELS[method]} at {budget:.0%} reaches {METHOD_LABELS[method]} at 100% "
+                  f"(within {args['tolerance_pp']:g} point, by the whole 95% interval):", ""]
+    lines += [f"- {verdict}" for verdict in result["verdicts"]]
+    if picture.exists():
+        lines += ["", f"![{path.stem}]({picture.relative_to(REPO)})"]
+    lines += ["", "The monitor columns and the picture are the kNN monitor: 300 training images as memory, 150 "
+                  "queries, every 50 steps, read during training (its time excluded from the clock), a cheap proxy; "
+                  "the kNN column is the full evaluation (every training image as memory, the whole validation "
+                  "split), and the two can disagree. The monitor target is the method at 100%'s mean final monitor "
+                  "value minus 1 point; its column gives the median training clock over seeds to reach it."]
+    return lines + [""]
+
+
+def environment_text(env: dict) -> str:
+    return f"{env['device']}, commit {env['commit'][:7]}, {env['date'][:10]}, torch {env['versions']['torch']}"
+
+
+def method_steps_section(path: Path) -> list[str]:
+    """Each method's own step against the RELA-phase step on its networks (benchmarks/throughput.py)."""
+    result = json.loads(path.read_text())
+    rows = result["step"]["methods"]
+    lines = ["#### Each method's step against the RELA-phase step", "",
+             f"`{path.relative_to(REPO)}`: `python benchmarks/throughput.py --dataset {result['args']['dataset']} --skip "
+             f"{' '.join(result['args']['skip'])}`, on {environment_text(result['environment'])}: images/s, the median "
+             f"of {result['args']['step_rounds']} interleaved rounds, the pure-torch ops (the fused ones need a GPU).", "",
+             "| method | own step | RELA-phase step | RELA / method |", "|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {METHOD_LABELS[row['method']]} | {row['method_images_per_s']:.0f} | "
+                     f"{row['rela_images_per_s']:.0f} | {row['rela_over_method']:.2f} |")
+    return lines + [""]
+
+
+def verdict_cell(entry: dict, short: str, reference: str, tolerance_pp: float) -> str:
+    key = f"{short}_delta_vs_{reference}"
+    word = verdict_word(entry.get(key + "_ci95"), tolerance_pp)
+    return f"{word} ({delta_text(entry, short, reference)})"
+
+
+def summary_table(paths: list[Path]) -> list[str]:
+    """One row per (method, recipe, RELA variant): does RELA at the budget reach the method at 100%, and how
+    far is it from the method alone at the same budget."""
+    lines = ["| method | recipe | RELA run (20%) | linear vs 100% | kNN vs 100% | linear vs the method at 20% | kNN vs "
+             "the method at 20% |", "|---|---|---|---|---|---|---|"]
+    for path in paths:
+        result = json.loads(path.read_text())
+        args = result["args"]
+        for entry in result["summary"]:
+            if not entry["run"].startswith("rela-"):
+                continue
+            lines.append(" | ".join([
+                f"| {METHOD_LABELS[args['method']]}", args["recipe"],
+                VARIANT_LABELS.get(entry["run"].removeprefix("rela-"), entry["run"]),
+                verdict_cell(entry, "linear", "method-100%", args["tolerance_pp"]),
+                verdict_cell(entry, "knn", "method-100%", args["tolerance_pp"]),
+                delta_text(entry, "linear", "method-budget"), delta_text(entry, "knn", "method-budget")]) + " |")
+    return lines + [""]
+
+
+def handover_files() -> list[Path]:
+    def order(path: Path) -> tuple[int, int]:
+        result = json.loads(path.read_text())
+        return (result["args"]["recipe"] != "project", METHOD_ORDER.index(result["args"]["method"]))
+    return sorted(RESULTS.glob("handover-*.json"), key=order)
+
+
+def render() -> str:
+    lines = [BEGIN, "", "### Measured: does RELA at 20% reach the method at 100%? (generated from JSON)", "",
+             "Every number below is read from the JSON file named above its table by "
+             "`python benchmarks/results_readme.py`, which writes this section; `--check` fails where the README and "
+             "the JSON disagree (a test runs it). CPU figures, measured on this project's 2-core machine; no GPU "
+             "figure appears here.", ""]
+    paths = handover_files()
+    if paths:
+        lines += ["Where RELA at 20% reaches the method at 100%, per method and recipe: \"reaches\" only where the "
+                  "whole 95% paired interval of the difference lies above -1 point, \"does not reach\" where it lies "
+                  "below, \"undecided\" where it covers both; differences in points, [95% CI]. The tables after it "
+                  "give every run.", ""]
+        lines += summary_table(paths)
+    for path in paths:
+        lines += section_for(path)
+    steps = RESULTS / "throughput-cpu-mnist5k-method-steps.json"
+    if steps.exists():
+        lines += method_steps_section(steps)
+    return "\n".join(lines + [END])
+
+
+def replace_section(readme: str, section: str) -> str:
+    if BEGIN not in readme or END not in readme:
+        raise SystemExit(f"README.md has no results markers ({BEGIN} ... {END})")
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return head + section + tail
+
+
+def draw_pictures() -> None:
+    from benchmarks.handover_plot import plot_handover
+
+    for path in handover_files():
+        result = json.loads(path.read_text())
+        label = f"{METHOD_LABELS[result['args']['method']]}, {result['args']['recipe']} recipe"
+        plot_handover(result, path.with_suffix(".png"), f"kNN monitor against the training clock: {label}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md differs from what the JSON gives")
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+    args = parser.parse_args(argv)
+    readme = args.readme.read_text()
+    if args.check:
+        wanted = replace_section(readme, render())
+        if wanted != readme:
+            print(f"{args.readme}: the results section differs from the JSON; run python benchmarks/results_readme.py")
+            return 1
+        return 0
+    draw_pictures()  # before render(): the section links the pictures that exist
+    args.readme.write_text(replace_section(readme, render()))
+    print(f"rewrote the results section of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())
