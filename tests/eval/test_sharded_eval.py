@@ -26,6 +26,9 @@ from rela.prior.pca import pca_from_sums
 from rela.prior.target_bank import project_rows
 from rela.utils.distributed import DistInfo
 
+# One spawn of two ranks takes 8-15 s: the slow tier (CI runs it).
+pytestmark = pytest.mark.slow
+
 WORLD_SIZE = 2
 NUM_CLASSES = 4
 # (rows on rank 0, rows on rank 1): even, uneven, and a rank with fewer rows than k
