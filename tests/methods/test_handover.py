@@ -121,3 +121,25 @@ def test_rho_start_at_or_above_the_threshold_is_one_line(capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "rela.train: error: --handover-rho-start 0.995 must be below --rela-threshold 0.995" in err
+
+
+@pytest.mark.slow
+def test_a_linear_blend_trains_on_two_ranks_with_identical_replicas(tmp_path):
+    """DDP wraps the learner again at the hand-over (find_unused_parameters off for the method's phase); a blended
+    step uses W and the method's heads together, and both ranks must end with the same weights."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'tests'}", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rela.train",
+           *ARGS, "--bank-dir", str(tmp_path / "banks"), "--rela-phase", "0.5", "--handover", "linear",
+           "--handover-steps", "4", "--out", str(out), "--no-monitor"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = {r["step"]: r for r in training_rows(out)}
+    assert [rows[s]["step_fn"] for s in range(13, 18)] == ["blend_byol_step"] * 4 + ["byol_step"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["replica_weights_identical"]
