@@ -73,6 +73,8 @@ def command_of(result: dict) -> str:
         parts.append(f"--recipe {args['recipe']}")
     if args.get("first_seed"):
         parts.append(f"--first-seed {args['first_seed']}")
+    if args.get("threads"):
+        parts.append(f"--threads {args['threads']}")
     parts += [f"--seeds {args['seeds']}", f"--budget {args['budget']:g}", "--variants " + " ".join(args["variants"])]
     return " ".join(parts)
 
@@ -88,6 +90,15 @@ def monitor_times(result: dict) -> tuple[float, dict[str, list[float | None]], d
     target = final["method-100%"] - 1.0
     times = {kind: [time_to_target(r["monitor"], target) for r in runs] for kind, runs in by_kind.items()}
     return target, times, final
+
+
+def load_text(result: dict) -> str:
+    """The machine's 1-minute load around the runs, where the JSON has it: wall-clock compares only at like load."""
+    loads = [r[key] for r in result["runs"] for key in ("load_1min_before", "load_1min_after") if key in r]
+    if not loads:
+        return ""
+    return (f", at a 1-minute load of {min(loads):.1f}-{max(loads):.1f} on the 2 cores (other work shared the machine; "
+            "compare clocks only between runs at like load)")
 
 
 def time_text(times: list[float | None]) -> str:
@@ -108,7 +119,7 @@ def section_for(path: Path) -> list[str]:
     lines = [f"#### {METHOD_LABELS[method]}, the {args['recipe']} recipe, {args['dataset']}, {len(full['seeds'])} seeds",
              "",
              f"`{path.relative_to(REPO)}`: `{command_of(result)}`, on {environment_text(env)}. Deltas are paired by "
-             "seed; wall-clock includes the target bank and the evaluation.",
+             f"seed; wall-clock includes the target bank and the evaluation{load_text(result)}.",
              "",
              "| run | hand-over at step | linear probe | Δ vs 100% [95% CI] | Δ vs same budget | kNN | Δ vs 100% "
              f"[95% CI] | Δ vs same budget | monitor kNN, final | monitor to {target:.1f}% | wall-clock |",
@@ -123,9 +134,6 @@ def section_for(path: Path) -> list[str]:
             delta_text(entry, "knn", "method-100%"), delta_text(entry, "knn", "method-budget"),
             "–" if entry["run"] == "untrained" else f"{finals[entry['run']]:.1f}",
             "–" if entry["run"] == "untrained" else time_text(times[entry["run"]]), clock]) + " |")
-    lines += ["", f"Where RELA + {METHOD_LABELS[method]} at {budget:.0%} reaches {METHOD_LABELS[method]} at 100% "
-                  f"(within {args['tolerance_pp']:g} point, by the whole 95% interval):", ""]
-    lines += [f"- {verdict}" for verdict in result["verdicts"]]
     if picture.exists():
         lines += ["", f"![{path.stem}]({picture.relative_to(REPO)})"]
     lines += ["", "The monitor columns and the picture are the kNN monitor: 300 training images as memory, 150 "
