@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.handover import verdict_word  # noqa: E402
-from benchmarks.throughput_runs import median_time, time_to_target  # noqa: E402
+from benchmarks.throughput_runs import median_time, paired_interval, time_to_target  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -169,11 +169,23 @@ def verdict_cell(entry: dict, short: str, reference: str, tolerance_pp: float) -
     return f"{word} ({delta_text(entry, short, reference)})"
 
 
+def paired_text(runs: list[dict], kind: str, reference: str, key: str) -> str:
+    """The mean difference kind - reference over the seeds both ran, with its 95% paired t-interval."""
+    theirs = {r["seed"]: r[key] for r in runs if r["run"] == reference}
+    deltas = [r[key] - theirs[r["seed"]] for r in runs if r["run"] == kind and r["seed"] in theirs]
+    if kind == reference or not deltas:
+        return "–"
+    interval = paired_interval(deltas)
+    ci = "" if interval is None else f" [{interval[0]:+.2f}, {interval[1]:+.2f}]"
+    return f"{statistics.fmean(deltas):+.2f}{ci}"
+
+
 def summary_table(paths: list[Path]) -> list[str]:
     """One row per (method, recipe, RELA variant): does RELA at the budget reach the method at 100%, and how
     far is it from the method alone at the same budget."""
     lines = ["| method | recipe | RELA run (20%) | linear vs 100% | kNN vs 100% | linear vs the method at 20% | kNN vs "
-             "the method at 20% |", "|---|---|---|---|---|---|---|"]
+             "the method at 20% | linear vs the hard hand-over | kNN vs the hard hand-over |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         result = json.loads(path.read_text())
         args = result["args"]
@@ -185,7 +197,9 @@ def summary_table(paths: list[Path]) -> list[str]:
                 VARIANT_LABELS.get(entry["run"].removeprefix("rela-"), entry["run"]),
                 verdict_cell(entry, "linear", "method-100%", args["tolerance_pp"]),
                 verdict_cell(entry, "knn", "method-100%", args["tolerance_pp"]),
-                delta_text(entry, "linear", "method-budget"), delta_text(entry, "knn", "method-budget")]) + " |")
+                delta_text(entry, "linear", "method-budget"), delta_text(entry, "knn", "method-budget"),
+                paired_text(result["runs"], entry["run"], "rela-hard", "linear_probe_top1"),
+                paired_text(result["runs"], entry["run"], "rela-hard", "knn_top1")]) + " |")
     return lines + [""]
 
 
