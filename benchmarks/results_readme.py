@@ -245,7 +245,7 @@ def draw_pictures() -> None:
     for path in handover_files():
         result = json.loads(path.read_text())
         label = f"{METHOD_LABELS[result['args']['method']]}, {result['args']['recipe']} recipe"
-        plot_handover(result, path.with_suffix(".png"), f"kNN monitor against the training clock: {label}")
+        plot_handover(result, path.with_suffix(".png"), f"kNN monitor against the step and the training clock: {label}")
 
 
 def main(argv: list[str] | None = None) -> int:
