@@ -24,6 +24,7 @@ except ImportError:  # torch.utils.tensorboard imports the tensorboard package
 TAGS = {
     "probe_loss": "online_probe/loss", "online_probe_top1": "online_probe/top1",
     "rho": "rela/rho", "rela_threshold": "rela/threshold", "rela_phase_end_step": "rela/switch_step",
+    "rela_weight": "rela/weight", "rela_loss": "rela/loss_part",
     "lr": "schedule/lr", "momentum": "schedule/momentum",
     "images_per_s": "speed/images_per_s", "data_wait_fraction": "speed/data_wait_fraction",
     "monitor_knn_top1": "monitor/knn_top1", "wall_clock_s": "monitor/wall_clock_s",
