@@ -203,6 +203,36 @@ def summary_table(paths: list[Path]) -> list[str]:
     return lines + [""]
 
 
+def plain_lines(paths: list[Path]) -> list[str]:
+    """Per (method, recipe), in words: which RELA runs reach the 100% run by the whole interval, which beat the
+    method alone at 20% (interval above 0), and the best variant by kNN against the hard hand-over."""
+    lines = []
+    for path in paths:
+        result = json.loads(path.read_text())
+        args, runs = result["args"], result["runs"]
+        name = METHOD_LABELS[args["method"]]
+        rela = [e for e in result["summary"] if e["run"].startswith("rela-")]
+        reached = [VARIANT_LABELS.get(e["run"][5:], e["run"]) + f" ({short})" for e in rela
+                   for short, key in (("linear", "linear"), ("kNN", "knn"))
+                   if verdict_word(e.get(f"{key}_delta_vs_method-100%_ci95"), args["tolerance_pp"]) == "reaches"]
+        beat = [e for e in rela if (e.get("knn_delta_vs_method-budget_ci95") or [0])[0] > 0]
+        text = (f"- **{name}, {args['recipe']} recipe:** RELA at {args['budget']:.0%} reaches {name} at 100% by the "
+                f"whole interval in {', '.join(reached) if reached else 'none of its runs'}; its kNN is above {name} "
+                f"alone at {args['budget']:.0%} (interval above 0) in {len(beat)} of {len(rela)} RELA runs.")
+        others = [e for e in rela if e["run"] != "rela-hard"]
+        if others and any(r["run"] == "rela-hard" for r in runs):
+            def knn_gain(entry):
+                theirs = {r["seed"]: r["knn_top1"] for r in runs if r["run"] == "rela-hard"}
+                return statistics.fmean(r["knn_top1"] - theirs[r["seed"]] for r in runs if r["run"] == entry["run"])
+            best = max(others, key=knn_gain)
+            text += (f" Against the hard hand-over, the best other run by kNN is the "
+                     f"{VARIANT_LABELS.get(best['run'][5:], best['run'])}: "
+                     f"{paired_text(runs, best['run'], 'rela-hard', 'knn_top1')} kNN, "
+                     f"{paired_text(runs, best['run'], 'rela-hard', 'linear_probe_top1')} linear.")
+        lines.append(text)
+    return lines + [""]
+
+
 def handover_files() -> list[Path]:
     def order(path: Path) -> tuple[int, int]:
         result = json.loads(path.read_text())
@@ -222,6 +252,7 @@ def render() -> str:
                   "whole 95% paired interval of the difference lies above -1 point, \"does not reach\" where it lies "
                   "below, \"undecided\" where it covers both; differences in points, [95% CI]. The tables after it "
                   "give every run.", ""]
+        lines += plain_lines(paths)
         lines += summary_table(paths)
     for path in paths:
         lines += section_for(path)
