@@ -59,11 +59,13 @@ def accuracy_text(entry: dict, key: str) -> str:
     return f"{entry[key]:.2f} ± {entry[key + '_std']:.2f} ({seeds})"
 
 
-def hand_over_text(entry: dict) -> str:
-    steps = entry["rela_phase_end_step_per_seed"]
+def hand_over_text(entry: dict, runs: list[dict]) -> str:
+    """The step each seed's RELA phase ended at; "none" where it lasted the whole run (the rule did not fire)."""
     if entry["run"] in ("method-100%", "method-budget", "untrained"):
         return "–"
-    return ", ".join("none" if s is None else str(s) for s in steps)
+    ended = [(r["rela_phase_end_step"], r["rela_phase_ended_by"]) for r in sorted(runs, key=lambda r: r["seed"])
+             if r["run"] == entry["run"]]
+    return ", ".join("none" if by in (None, "end of training") else str(step) for step, by in ended)
 
 
 def command_of(result: dict) -> str:
@@ -128,7 +130,7 @@ def section_for(path: Path) -> list[str]:
         ratio = entry["wall_clock_s"] / full["wall_clock_s"]
         clock = "–" if entry["run"] == "untrained" else f"{entry['wall_clock_s']:.0f} s ({ratio:.2f}x)"
         lines.append(" | ".join([
-            f"| {run_label(entry['run'], method, budget)}", hand_over_text(entry),
+            f"| {run_label(entry['run'], method, budget)}", hand_over_text(entry, result["runs"]),
             accuracy_text(entry, "linear_probe_top1"), delta_text(entry, "linear", "method-100%"),
             delta_text(entry, "linear", "method-budget"), accuracy_text(entry, "knn_top1"),
             delta_text(entry, "knn", "method-100%"), delta_text(entry, "knn", "method-budget"),
@@ -229,6 +231,9 @@ def plain_lines(paths: list[Path]) -> list[str]:
                      f"{VARIANT_LABELS.get(best['run'][5:], best['run'])}: "
                      f"{paired_text(runs, best['run'], 'rela-hard', 'knn_top1')} kNN, "
                      f"{paired_text(runs, best['run'], 'rela-hard', 'linear_probe_top1')} linear.")
+        if all(r["rela_phase_ended_by"] == "end of training" for r in runs if r["run"].startswith("rela-")):
+            text += (" The adaptive rule did not fire within any of these runs: the hard hand-over never switched "
+                     "(RELA throughout), and a rho blend never reached lambda 0.")
         lines.append(text)
     return lines + [""]
 
