@@ -47,7 +47,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ema: Callable
     loss weighted by `rela_weight` (None: 1 in the RELA phase, 0 after; the bank's rows are looked up only where
     it is above 0). Nothing here waits for the GPU."""
     if rela_weight is None:
-        rela_weight = 1.0 if phase.is_rela else 0.0
+        rela_weight = phase.rela_weight
     for group in optimizer.param_groups:
         group["lr"] = lr
     last = len(micro_batches) - 1

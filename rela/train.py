@@ -237,7 +237,7 @@ def _rela_weight(run: Run) -> float:
                              handover_steps_for(cfg.handover_steps, run.schedule.total_steps))
     if cfg.handover == "rho" and phase.is_rela:
         return rho_weight(run.controller.rho_before(), cfg.handover_rho_start, cfg.rela_threshold)
-    return 1.0 if phase.is_rela else 0.0
+    return phase.rela_weight
 
 
 def _log_step(run: Run, epoch_over: bool) -> bool:

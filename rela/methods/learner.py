@@ -24,6 +24,11 @@ class Phase:
     is_rela: bool  # regress the target bank's rows (rela_step); otherwise the method's own step
 
     @property
+    def rela_weight(self) -> float:
+        """lambda of a step in this phase without a soft hand-over: 1 in the RELA phase, 0 in the method's."""
+        return 1.0 if self.is_rela else 0.0
+
+    @property
     def views(self) -> str:
         """The loader's view mode in this phase (rela/data/views.py names a mode by its phase)."""
         return self.name
@@ -55,12 +60,10 @@ class Learner(nn.Module):
         return self.method.backbone
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, label: torch.Tensor, targets: torch.Tensor | None,
-                phase: Phase, fused: bool | None, rela_weight: float | None = None):
+                phase: Phase, fused: bool | None, rela_weight: float):
         """targets: (B, k) rows of the bank where the RELA loss counts, else None. rela_weight: lambda in
-        L = lambda L_rela + (1 - lambda) L_method (rela/methods/handover.py); None: 1 in the RELA phase, 0 after.
+        L = lambda L_rela + (1 - lambda) L_method (rela/methods/handover.py; `phase.rela_weight` without a blend).
         Returns (loss, probe loss, probe accuracy, RELA loss): the last detached, None where it was not computed."""
-        if rela_weight is None:
-            rela_weight = 1.0 if phase.is_rela else 0.0
         if rela_weight >= 1.0:
             self.last_step_fn = rela_step.__name__
             loss, features = rela_step(self.method.backbone, self.rela_map, view1, view2, targets, fused=fused)

@@ -106,22 +106,23 @@ class PhaseController:
     def ended_before(self) -> bool:
         """Whether the phase was over as of the update before the latest one (False before two updates).
         Reads host memory that the device wrote a step ago: in practice no wait."""
-        if self._updates < 2:
-            return False
-        older = self._updates % 2  # the latest update wrote the other slot
-        if self._copied is not None:
-            self._copied[older].synchronize()
-        return bool(self._flags[older])
+        older = self._settled_slot()
+        return False if older is None else bool(self._flags[older])
 
     def rho_before(self) -> float:
         """rho as of the update before the latest one (0 before two updates), read as `ended_before` reads its
         flag: host memory the device wrote a step ago."""
+        older = self._settled_slot()
+        return 0.0 if older is None else float(self._rhos[older])
+
+    def _settled_slot(self) -> int | None:
+        """The host slot the update before the latest one wrote (its copy waited for), None before two updates."""
         if self._updates < 2:
-            return 0.0
-        older = self._updates % 2
+            return None
+        older = self._updates % 2  # the latest update wrote the other slot
         if self._copied is not None:
             self._copied[older].synchronize()
-        return float(self._rhos[older])
+        return older
 
     def state_dict(self) -> dict:
         state = {name: getattr(self, name).clone() for name in ("fast", "slow", "rho", "done", "plateau_step")}
