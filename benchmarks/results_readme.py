@@ -59,6 +59,13 @@ def accuracy_text(entry: dict, key: str) -> str:
     return f"{entry[key]:.2f} ± {entry[key + '_std']:.2f} ({seeds})"
 
 
+def seeds_text(seeds: list[int], args: dict) -> str:
+    """'3 seeds', or 'seeds 3-5, held out' for a run on seeds other than the ones the variants were chosen on."""
+    if not args.get("first_seed"):
+        return f"{len(seeds)} seeds"
+    return f"seeds {min(seeds)}-{max(seeds)}, held out"
+
+
 def hand_over_text(entry: dict, runs: list[dict]) -> str:
     """The step each seed's RELA phase ended at; "none" where it lasted the whole run (the rule did not fire)."""
     if entry["run"] in ("method-100%", "method-budget", "untrained"):
@@ -118,7 +125,7 @@ def section_for(path: Path) -> list[str]:
     full = summary["method-100%"]
     picture = path.with_suffix(".png")
     target, times, finals = monitor_times(result)
-    lines = [f"#### {METHOD_LABELS[method]}, the {args['recipe']} recipe, {args['dataset']}, {len(full['seeds'])} seeds",
+    lines = [f"#### {METHOD_LABELS[method]}, the {args['recipe']} recipe, {args['dataset']}, {seeds_text(full['seeds'], args)}",
              "",
              f"`{path.relative_to(REPO)}`: `{command_of(result)}`, on {environment_text(env)}. Deltas are paired by "
              f"seed; wall-clock includes the target bank and the evaluation{load_text(result)}.",
@@ -214,12 +221,17 @@ def plain_lines(paths: list[Path]) -> list[str]:
         args, runs = result["args"], result["runs"]
         name = METHOD_LABELS[args["method"]]
         rela = [e for e in result["summary"] if e["run"].startswith("rela-")]
-        reached = [VARIANT_LABELS.get(e["run"][5:], e["run"]) + f" ({short})" for e in rela
-                   for short, key in (("linear", "linear"), ("kNN", "knn"))
-                   if verdict_word(e.get(f"{key}_delta_vs_method-100%_ci95"), args["tolerance_pp"]) == "reaches"]
+        reached = []
+        for e in rela:
+            metrics = [short for short, key in (("linear", "linear"), ("kNN", "knn"))
+                       if verdict_word(e.get(f"{key}_delta_vs_method-100%_ci95"), args["tolerance_pp"]) == "reaches"]
+            if metrics:
+                reached.append(f"{VARIANT_LABELS.get(e['run'][5:], e['run'])} ({' and '.join(metrics)})")
         beat = [e for e in rela if (e.get("knn_delta_vs_method-budget_ci95") or [0])[0] > 0]
-        text = (f"- **{name}, {args['recipe']} recipe:** RELA at {args['budget']:.0%} reaches {name} at 100% by the "
-                f"whole interval in {', '.join(reached) if reached else 'none of its runs'}; its kNN is above {name} "
+        seeds = sorted({r["seed"] for r in runs})
+        text = (f"- **{name}, {args['recipe']} recipe, {seeds_text(seeds, args)}:** RELA at {args['budget']:.0%} "
+                f"reaches {name} at 100% by the whole interval with "
+                f"{'; '.join(reached) if reached else 'none of its runs'}; its kNN is above {name} "
                 f"alone at {args['budget']:.0%} (interval above 0) in {len(beat)} of {len(rela)} RELA runs.")
         others = [e for e in rela if e["run"] != "rela-hard"]
         if others and any(r["run"] == "rela-hard" for r in runs):
@@ -239,9 +251,10 @@ def plain_lines(paths: list[Path]) -> list[str]:
 
 
 def handover_files() -> list[Path]:
-    def order(path: Path) -> tuple[int, int]:
+    def order(path: Path) -> tuple[int, int, int]:
         result = json.loads(path.read_text())
-        return (result["args"]["recipe"] != "project", METHOD_ORDER.index(result["args"]["method"]))
+        args = result["args"]
+        return (args["recipe"] != "project", METHOD_ORDER.index(args["method"]), args.get("first_seed") or 0)
     return sorted(RESULTS.glob("handover-*.json"), key=order)
 
 
