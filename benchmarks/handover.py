@@ -31,13 +31,14 @@ from rela.options import resolve_config  # noqa: E402
 from rela.train import evaluate_untrained, run  # noqa: E402
 from rela.utils.device import pick_device  # noqa: E402
 
-# Each variant's rela.train options over the RELA run's (--prior, --budget).
+# Each variant's rela.train options over the RELA run's (--prior, --budget), each hand-over option spelled out so
+# that a variant means the same run whatever the defaults and the recipe are.
 VARIANTS: dict[str, dict] = {
-    "hard": {},
-    "linear": {"handover": "linear"},
+    "hard": {"handover": "hard", "handover_teacher_reset": False},
+    "linear": {"handover": "linear", "handover_teacher_reset": False},
     "linear-reset": {"handover": "linear", "handover_teacher_reset": True},
-    "rho": {"handover": "rho"},
-    "hard-reset": {"handover_teacher_reset": True},
+    "rho": {"handover": "rho", "handover_teacher_reset": False},
+    "hard-reset": {"handover": "hard", "handover_teacher_reset": True},
     "throughout": {"rela_phase": "1.0"},
 }
 REFERENCES = ("method-100%", "method-budget")

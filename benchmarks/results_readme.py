@@ -29,8 +29,8 @@ BEGIN, END = "<!-- results:begin (python benchmarks/results_readme.py) -->", "<!
 METHOD_LABELS = {"byol": "BYOL", "dino": "DINO", "simclr": "SimCLR", "mocov3": "MoCo v3", "barlowtwins": "Barlow Twins",
                  "vicreg": "VICReg", "simsiam": "SimSiam", "supervised": "Supervised"}
 METHOD_ORDER = tuple(METHOD_LABELS)
-VARIANT_LABELS = {"hard": "hard hand-over (the reference's, default)", "linear": "linear hand-over",
-                  "linear-reset": "linear hand-over + teacher reset", "rho": "rho-driven hand-over",
+VARIANT_LABELS = {"hard": "hard hand-over (the reference's)", "linear": "linear hand-over",
+                  "linear-reset": "linear hand-over + teacher reset (the default)", "rho": "rho-driven hand-over",
                   "hard-reset": "hard hand-over + teacher reset", "throughout": "RELA throughout (--rela-phase 1.0)"}
 
 
@@ -230,8 +230,8 @@ def plain_lines(paths: list[Path]) -> list[str]:
         beat = [e for e in rela if (e.get("knn_delta_vs_method-budget_ci95") or [0])[0] > 0]
         seeds = sorted({r["seed"] for r in runs})
         text = (f"- **{name}, {args['recipe']} recipe, {seeds_text(seeds, args)}:** RELA at {args['budget']:.0%} "
-                f"reaches {name} at 100% by the whole interval with "
-                f"{'; '.join(reached) if reached else 'none of its runs'}; its kNN is above {name} "
+                f"reaches {name} at 100% by the whole interval "
+                f"{'with ' + '; '.join(reached) if reached else 'in none of its runs'}; its kNN is above {name} "
                 f"alone at {args['budget']:.0%} (interval above 0) in {len(beat)} of {len(rela)} RELA runs.")
         others = [e for e in rela if e["run"] != "rela-hard"]
         if others and any(r["run"] == "rela-hard" for r in runs):
@@ -293,7 +293,9 @@ def draw_pictures() -> None:
 
     for path in handover_files():
         result = json.loads(path.read_text())
-        label = f"{METHOD_LABELS[result['args']['method']]}, {result['args']['recipe']} recipe"
+        seeds = sorted({run["seed"] for run in result["runs"]})
+        args = result["args"]
+        label = f"{METHOD_LABELS[args['method']]}, {args['recipe']} recipe, {seeds_text(seeds, args)}"
         plot_handover(result, path.with_suffix(".png"), f"kNN monitor against the step and the training clock: {label}")
 
 

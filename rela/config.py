@@ -110,16 +110,18 @@ class Config:
                                            bounds='(0, 99]')
     rela_train_map: bool = opt(False, "train the linear map W from features to targets (fixed random by default)")
     rela_map_bias: bool = opt(False, "give W a bias (an affine map, nn.Linear's initialisation, as in the reference)")
-    handover: str = opt("hard", "how the RELA loss hands over to the method's, L = lambda L_rela + (1 - lambda) "
-                                "L_method: 'hard' (lambda 1 -> 0 at once, the reference's), 'linear' (1 -> 0 over "
-                                "--handover-steps steps after the RELA phase ends), 'rho' (in the RELA phase, lambda "
-                                "falls from 1 at rho = --handover-rho-start to 0 at --rela-threshold)",
-                        ("hard", "linear", "rho"))
+    handover: str = opt("linear", "how the RELA loss hands over to the method's, L = lambda L_rela + (1 - lambda) "
+                                  "L_method: 'linear' (1 -> 0 over --handover-steps steps after the RELA phase ends; "
+                                  "the default: on BYOL it keeps what the RELA phase taught, README results), 'hard' "
+                                  "(lambda 1 -> 0 at once, the reference's), 'rho' (in the RELA phase, lambda falls "
+                                  "from 1 at rho = --handover-rho-start to 0 at --rela-threshold)",
+                        ("linear", "hard", "rho"))
     handover_steps: int | None = opt(None, "--handover linear: steps over which lambda falls to 0 (default: a tenth "
                                            "of the run's steps)", bounds='[1, inf)')
     handover_rho_start: float = opt(0.9, "--handover rho: the rho at which the method's loss starts to mix in",
                                     bounds='(0, 1)')
-    handover_teacher_reset: bool = opt(False, "at the hand-over, set the method's EMA teacher to the student's weights")
+    handover_teacher_reset: bool = opt(True, "at the hand-over, set the method's EMA teacher to the student's weights "
+                                             "(--no-handover-teacher-reset keeps the teacher, as the reference does)")
     rela_views: str = opt("project", "RELA's views: 'project' (crop 0.25-1, flip, light jitter p=0.3) or "
                                      "'reference' (crop 0.5-1, flip, jitter 0.8/0.8/0.8/0.2 p=0.8, grayscale p=0.2)",
                           ("project", "reference"))
@@ -233,7 +235,7 @@ REFERENCE_RECIPE: dict[str, Any] = dict(
     optimizer="adamw", weight_decay=0.01, warmup_epochs=0.0, lr_schedule="constant", base_momentum=0.99,
     momentum_schedule="constant", proj_hidden=0, proj_dim=256, rela_map_bias=True, rela_views="reference",
     probe_protocol="reference", rela_averaging_scale=1.0, norm_stats="imagenet", bank_crop_fraction=1.0,
-    prior_precision="fp32")
+    prior_precision="fp32", handover="hard", handover_teacher_reset=False)
 REFERENCE_LR = 1e-3
 
 

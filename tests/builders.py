@@ -84,6 +84,16 @@ def training_rows(run_dir: Path) -> list[dict]:
     return [r for r in rows if "loss" in r]
 
 
+def expected_step_fn(step: int, end: int, train_steps: int, method: str = "byol", handover: str = "linear") -> str:
+    """The step function a step runs with the RELA phase ending at step `end`: RELA's to it; then, under the
+    default linear hand-over, a tenth of the run's steps blended (--handover-steps unset); then the method's."""
+    if step <= end:
+        return "rela_step"
+    if handover == "linear" and step <= end + max(1, round(0.1 * train_steps)):
+        return f"blend_{method}_step"
+    return f"{method}_step"
+
+
 def assert_same_backbones(a: Path, b: Path) -> None:
     """Two run folders' backbone.pt hold the same tensors, bit for bit."""
     import torch

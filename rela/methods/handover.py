@@ -1,8 +1,9 @@
 """How the RELA loss hands over to the SSL method's: lambda in L = lambda L_rela + (1 - lambda) L_method.
 
-- hard (the reference's, the default): lambda is 1 in the RELA phase and 0 from the hand-over on.
-- linear: the RELA phase ends as the rule says (plateau or fraction); then lambda falls from 1 to 0 over
-  N = --handover-steps method steps: 1 - (k + 1) / (N + 1) at the k-th (k = 0, 1, ...), so N steps are blended.
+- linear (the default, with --handover-teacher-reset): the RELA phase ends as the rule says (plateau or
+  fraction); then lambda falls from 1 to 0 over N = --handover-steps method steps: 1 - (k + 1) / (N + 1) at the
+  k-th (k = 0, 1, ...), so N steps are blended.
+- hard (the reference's): lambda is 1 in the RELA phase and 0 from the hand-over on.
 - rho: lambda follows the controller's rho in the RELA phase: 1 while rho < r0 (--handover-rho-start), then
   (threshold - rho) / (threshold - r0), down to 0 where rho reaches --rela-threshold and the rule ends the
   phase; 0 from the hand-over on. rho is read from host memory a step late (`PhaseController.rho_before`),

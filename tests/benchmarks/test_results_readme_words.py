@@ -31,8 +31,8 @@ def test_plain_line_lists_a_reaching_variant_once_with_its_metrics(tmp_path):
     path = _result_with(tmp_path, "a.json", lambda r: None)
     line = plain_lines([path])[0]
     # the reference recipe's BYOL runs reach BYOL at 100% on both metrics (the committed JSON)
-    assert "hard hand-over (the reference's, default) (linear and kNN)" in line
-    assert line.count("hard hand-over (the reference's, default)") == 1
+    assert "with hard hand-over (the reference's) (linear and kNN)" in line
+    assert line.count("hard hand-over (the reference's)") == 1
 
 
 def test_plain_line_says_held_out(tmp_path):

@@ -35,6 +35,15 @@ def test_reference_recipe_takes_the_reference_averages_over_the_mnist5k_preset()
                            "rela_averaging_scale": 5.0}).rela_averaging_scale == 5.0  # the user's flag wins
 
 
+def test_reference_recipe_hands_over_at_once_and_keeps_the_teacher():
+    project = resolve_config({"dataset": "mnist5k"})
+    assert (project.handover, project.handover_teacher_reset) == ("linear", True)  # the project's default
+    reference = resolve_config({"dataset": "mnist5k", "recipe": "reference"})
+    assert (reference.handover, reference.handover_teacher_reset) == ("hard", False)
+    assert parse_config(["--recipe", "reference", "--handover", "rho"]).handover == "rho"  # the user's flag wins
+    assert parse_config(["--no-handover-teacher-reset"]).handover_teacher_reset is False
+
+
 def test_imagenet_statistics_reach_the_loader_the_prior_and_evaluation(tmp_path, monkeypatch):
     assert resolve_config({"dataset": "mnist5k"}).norm_stats == "dataset"
     assert resolve_config({"dataset": "mnist5k", "recipe": "reference"}).norm_stats == "imagenet"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from builders import FAST_ARGS, training_rows, write_imagefolder
+from builders import FAST_ARGS, expected_step_fn, training_rows, write_imagefolder
 from rela.options import parse_config
 from rela.train import evaluate_untrained, main
 
@@ -50,8 +50,8 @@ def test_default_command_shows_the_whole_method_and_learns_beyond_initialisation
     assert 0 < end < steps and end == summary["rela_plateau_step"] + 1
     rows = training_rows(run_dir)
     assert {"loss", "phase", "rho", "lr", "momentum", "images_per_s", "data_wait_fraction"} <= set(rows[0])
-    assert all(r["step_fn"] == ("rela_step" if r["step"] <= end else "byol_step") for r in rows)
-    assert {r["step_fn"] for r in rows} == {"rela_step", "byol_step"}
+    assert [r["step_fn"] for r in rows] == [expected_step_fn(r["step"], end, steps) for r in rows]
+    assert "blend_byol_step" in [r["step_fn"] for r in rows]  # the default linear hand-over
     # Time-to-accuracy: the kNN monitor from step 0 (the untrained network) to the end, with the clock.
     monitor = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if "monitor_knn" in l]
     assert monitor[0]["step"] == 0 and monitor[-1]["step"] == steps
@@ -97,7 +97,7 @@ def test_adaptive_rule_hands_over_one_step_after_the_plateau(tmp_path):
     assert 0 < end < summary["train_steps"]
     assert end == summary["rela_plateau_step"] + 1
     rows = training_rows(tmp_path / "run")
-    assert [r["step_fn"] for r in rows] == ["rela_step"] * end + ["byol_step"] * (len(rows) - end)
+    assert [r["step_fn"] for r in rows] == [expected_step_fn(r["step"], end, summary["train_steps"]) for r in rows]
 
 
 def test_rela_phase_lasting_the_whole_run_is_reported(tmp_path):

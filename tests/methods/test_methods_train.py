@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from builders import FAST_ARGS, training_rows
+from builders import FAST_ARGS, expected_step_fn, training_rows
 from rela.config import METHOD_NAMES
 from rela.data.interfaces import TrainBatch
 from rela.methods.learner import Learner, method_phase
@@ -153,7 +153,9 @@ def test_each_method_trains_from_the_cli_hands_over_and_resumes_to_the_uninterru
     split = run_split(method, tmp_path)
     assert split["rela_phase_end_step"] == 5 and split["train_steps"] == 16
     rows = training_rows(tmp_path / "split")
-    assert [r["step_fn"] for r in rows] == ["rela_step"] + [f"{method}_step"] * (len(rows) - 1)
+    # the default linear hand-over with its teacher reset: steps 6-7 blended (a tenth of 16), rows every 3 steps
+    assert [r["step_fn"] for r in rows] == [expected_step_fn(r["step"], 5, 16, method) for r in rows]
+    assert f"blend_{method}_step" in [r["step_fn"] for r in rows]
     assert [r["views"] for r in rows] == ["rela"] + [method] * (len(rows) - 1)
     assert all(math.isfinite(r["loss"]) for r in rows), [r["loss"] for r in rows]
     args = [*RUN, "--method", method, "--bank-dir", str(tmp_path / "banks"), "--out", str(tmp_path / "whole")]
