@@ -101,6 +101,38 @@ def monitor_times(result: dict) -> tuple[float, dict[str, list[float | None]], d
     return target, times, final
 
 
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties given their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def monitor_agreement_text(result: dict) -> str:
+    """How the kNN monitor's final value compares with the full kNN evaluation over the file's trained runs: the
+    gap (full minus monitor) and Spearman's rank correlation."""
+    pairs = [(r["monitor"][-1][1], r["knn_top1"]) for r in result["runs"] if r["run"] != "untrained" and r["monitor"]]
+    if len(pairs) < 3:
+        return ""
+    monitor, full = [p[0] for p in pairs], [p[1] for p in pairs]
+    gaps = [f - m for m, f in pairs]
+    try:
+        spearman = statistics.correlation(ranks(monitor), ranks(full))
+    except statistics.StatisticsError:  # one of the two is constant
+        return ""
+    return (f" Over this file's {len(pairs)} trained runs the full kNN lies {statistics.fmean(gaps):+.1f} points from "
+            f"the monitor's final value ({min(gaps):+.1f} to {max(gaps):+.1f}), and the two rank the runs with "
+            f"Spearman's rho {spearman:.2f}.")
+
+
 def load_text(result: dict) -> str:
     """The machine's 1-minute load around the runs, where the JSON has it: wall-clock compares only at like load."""
     loads = [r[key] for r in result["runs"] for key in ("load_1min_before", "load_1min_after") if key in r]
@@ -149,7 +181,8 @@ def section_for(path: Path) -> list[str]:
                   "queries, every 50 steps, read during training (its time excluded from the clock), a cheap proxy; "
                   "the kNN column is the full evaluation (every training image as memory, the whole validation "
                   "split), and the two can disagree. The monitor target is the method at 100%'s mean final monitor "
-                  "value minus 1 point; its column gives the median training clock over seeds to reach it."]
+                  "value minus 1 point; its column gives the median training clock over seeds to reach it."
+              + monitor_agreement_text(result)]
     return lines + [""]
 
 

@@ -42,3 +42,17 @@ def test_plain_line_says_held_out(tmp_path):
             run["seed"] += 3
     line = plain_lines([_result_with(tmp_path, "b.json", held_out)])[0]
     assert "seeds 3-5, held out" in line
+
+
+def test_ranks_share_ties():
+    from benchmarks.results_readme import ranks
+    assert ranks([3.0, 1.0, 2.0, 2.0]) == [4.0, 1.0, 2.5, 2.5]
+
+
+def test_monitor_agreement_reports_the_gap_and_the_rank_correlation():
+    from benchmarks.results_readme import monitor_agreement_text
+    runs = [{"run": f"r{i}", "monitor": [[1.0, m, 50]], "knn_top1": f} for i, (m, f) in
+            enumerate([(60.0, 70.0), (65.0, 80.0), (70.0, 75.0), (75.0, 90.0)])]
+    text = monitor_agreement_text({"runs": runs + [{"run": "untrained", "monitor": [], "knn_top1": 10.0}]})
+    assert "4 trained runs" in text and "+11.2 points" in text and "(+5.0 to +15.0)" in text
+    assert "Spearman's rho 0.80" in text  # ranks (1, 2, 3, 4) against (1, 3, 2, 4)
