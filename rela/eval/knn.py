@@ -29,13 +29,21 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
     for start in range(0, len(val_x), chunk):
         similarity = val_x[start: start + chunk] @ train_x.T
         top_sim, top_idx = similarity.topk(k, dim=1)
-        votes = torch.zeros(len(top_sim), num_classes, device=val_x.device)
-        # exp(sim / T) overflows float32 for T below ~0.011 (1 / 88.7); shifting by the row's largest
-        # similarity scales the row's votes by one positive factor, so the winner is the same.
-        weights = ((top_sim - top_sim.amax(1, keepdim=True)) / temperature).exp()
-        votes.scatter_add_(1, train_y[top_idx], weights)
-        correct += (votes.argmax(1) == val_y[start: start + chunk]).sum().item()
+        correct += _correct_votes(top_sim, train_y[top_idx], val_y[start: start + chunk], num_classes,
+                                  temperature).item()
     return correct / len(val_x)
+
+
+def _correct_votes(top_sim: torch.Tensor, top_y: torch.Tensor, val_y: torch.Tensor, num_classes: int,
+                   temperature: float) -> torch.Tensor:
+    """How many queries the temperature-weighted vote of their neighbours (similarities (c, k), labels (c, k))
+    classifies as `val_y` (c,): a 0-d int64 tensor."""
+    votes = torch.zeros(len(top_sim), num_classes, device=top_sim.device)
+    # exp(sim / T) overflows float32 for T below ~0.011 (1 / 88.7); shifting by the row's largest
+    # similarity scales the row's votes by one positive factor, so the winner is the same.
+    weights = ((top_sim - top_sim.amax(1, keepdim=True)) / temperature).exp()
+    votes.scatter_add_(1, top_y, weights)
+    return (votes.argmax(1) == val_y).sum()
 
 
 def _sharded_knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
@@ -59,8 +67,6 @@ def _sharded_knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: t
         every_sim = every_sim.view(world_size, len(queries), k).permute(1, 0, 2).reshape(len(queries), -1)
         every_y = every_y.view(world_size, len(queries), k).permute(1, 0, 2).reshape(len(queries), -1)
         top_sim, best = every_sim.topk(k, dim=1)
-        votes = torch.zeros(len(top_sim), num_classes, device=val_x.device)
-        weights = ((top_sim - top_sim.amax(1, keepdim=True)) / temperature).exp()  # as knn_accuracy's
-        votes.scatter_add_(1, every_y.gather(1, best), weights)
-        correct += (votes.argmax(1) == val_y[start: start + chunk]).sum()
+        correct += _correct_votes(top_sim, every_y.gather(1, best), val_y[start: start + chunk], num_classes,
+                                  temperature)
     return correct.item() / len(val_x)
