@@ -17,6 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from scipy.stats import spearmanr
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.handover import verdict_word  # noqa: E402
@@ -101,21 +103,6 @@ def monitor_times(result: dict) -> tuple[float, dict[str, list[float | None]], d
     return target, times, final
 
 
-def ranks(values: list[float]) -> list[float]:
-    """1-based ranks, ties given their mean rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
 def monitor_agreement_text(result: dict) -> str:
     """How the kNN monitor's final value compares with the full kNN evaluation over the file's trained runs: the
     gap (full minus monitor) and Spearman's rank correlation."""
@@ -124,9 +111,8 @@ def monitor_agreement_text(result: dict) -> str:
         return ""
     monitor, full = [p[0] for p in pairs], [p[1] for p in pairs]
     gaps = [f - m for m, f in pairs]
-    try:
-        spearman = statistics.correlation(ranks(monitor), ranks(full))
-    except statistics.StatisticsError:  # one of the two is constant
+    spearman = float(spearmanr(monitor, full).statistic) if len(set(monitor)) > 1 and len(set(full)) > 1 else None
+    if spearman is None:  # one of the two is constant: no rank correlation
         return ""
     return (f" Over this file's {len(pairs)} trained runs the full kNN lies {statistics.fmean(gaps):+.1f} points from "
             f"the monitor's final value ({min(gaps):+.1f} to {max(gaps):+.1f}), and the two rank the runs with "
@@ -211,10 +197,15 @@ def verdict_cell(entry: dict, short: str, reference: str, tolerance_pp: float) -
     return f"{word} ({delta_text(entry, short, reference)})"
 
 
+def paired_deltas(runs: list[dict], kind: str, reference: str, key: str) -> list[float]:
+    """kind's `key` minus reference's, seed by seed, over the seeds both ran."""
+    theirs = {r["seed"]: r[key] for r in runs if r["run"] == reference}
+    return [r[key] - theirs[r["seed"]] for r in runs if r["run"] == kind and r["seed"] in theirs]
+
+
 def paired_text(runs: list[dict], kind: str, reference: str, key: str) -> str:
     """The mean difference kind - reference over the seeds both ran, with its 95% paired t-interval."""
-    theirs = {r["seed"]: r[key] for r in runs if r["run"] == reference}
-    deltas = [r[key] - theirs[r["seed"]] for r in runs if r["run"] == kind and r["seed"] in theirs]
+    deltas = paired_deltas(runs, kind, reference, key)
     if kind == reference or not deltas:
         return "–"
     interval = paired_interval(deltas)
@@ -268,10 +259,7 @@ def plain_lines(paths: list[Path]) -> list[str]:
                 f"alone at {args['budget']:.0%} (interval above 0) in {len(beat)} of {len(rela)} RELA runs.")
         others = [e for e in rela if e["run"] != "rela-hard"]
         if others and any(r["run"] == "rela-hard" for r in runs):
-            def knn_gain(entry):
-                theirs = {r["seed"]: r["knn_top1"] for r in runs if r["run"] == "rela-hard"}
-                return statistics.fmean(r["knn_top1"] - theirs[r["seed"]] for r in runs if r["run"] == entry["run"])
-            best = max(others, key=knn_gain)
+            best = max(others, key=lambda e: statistics.fmean(paired_deltas(runs, e["run"], "rela-hard", "knn_top1")))
             text += (f" Against the hard hand-over, the best other run by kNN is the "
                      f"{VARIANT_LABELS.get(best['run'][5:], best['run'])}: "
                      f"{paired_text(runs, best['run'], 'rela-hard', 'knn_top1')} kNN, "

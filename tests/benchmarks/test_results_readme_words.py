@@ -44,9 +44,14 @@ def test_plain_line_says_held_out(tmp_path):
     assert "seeds 3-5, held out" in line
 
 
-def test_ranks_share_ties():
-    from benchmarks.results_readme import ranks
-    assert ranks([3.0, 1.0, 2.0, 2.0]) == [4.0, 1.0, 2.5, 2.5]
+def test_monitor_agreement_ranks_ties_by_their_mean_rank():
+    from benchmarks.results_readme import monitor_agreement_text
+    runs = [{"run": f"r{i}", "monitor": [[1.0, m, 50]], "knn_top1": f} for i, (m, f) in
+            enumerate([(60.0, 70.0), (60.0, 80.0), (70.0, 75.0), (75.0, 90.0)])]
+    # ranks (1.5, 1.5, 3, 4) against (1, 3, 2, 4): rho = 3 / sqrt(4.5 * 5)
+    assert "Spearman's rho 0.63" in monitor_agreement_text({"runs": runs})
+    flat = [{**r, "monitor": [[1.0, 60.0, 50]]} for r in runs]
+    assert monitor_agreement_text({"runs": flat}) == ""  # a constant monitor has no rank correlation
 
 
 def test_monitor_agreement_reports_the_gap_and_the_rank_correlation():
