@@ -45,11 +45,7 @@ def test_resume_gives_same_weights(tmp_path):
     assert checkpoint is not None and checkpoint.name == "ckpt-000000011.pt"
     assert main([*ARGS, *banks, "--out", str(tmp_path / "split"), "--resume", "auto"]) == 0
 
-    whole = torch.load(tmp_path / "whole" / "backbone.pt")["state_dict"]
-    split = torch.load(tmp_path / "split" / "backbone.pt")["state_dict"]
-    assert whole.keys() == split.keys()
-    for name in whole:
-        assert torch.equal(whole[name], split[name]), name
+    assert_same_backbones(tmp_path / "whole", tmp_path / "split")
     a = json.loads((tmp_path / "whole" / "summary.json").read_text())
     b = json.loads((tmp_path / "split" / "summary.json").read_text())
     for key in ("train_steps", "images_seen", "rela_phase_end_step", "linear_probe_top1", "knn_top1"):
@@ -102,10 +98,7 @@ def test_resume_with_gradient_accumulation_gives_same_weights(tmp_path):
     assert not (tmp_path / "split" / "summary.json").exists()
     assert max(r["step"] for r in metric_rows(tmp_path / "split")) <= 7
     assert main([*args, "--out", str(tmp_path / "split"), "--resume", "auto"]) == 0
-    whole = torch.load(tmp_path / "whole" / "backbone.pt")["state_dict"]
-    split = torch.load(tmp_path / "split" / "backbone.pt")["state_dict"]
-    for name in whole:
-        assert torch.equal(whole[name], split[name]), name
+    assert_same_backbones(tmp_path / "whole", tmp_path / "split")
     steps = [r["step"] for r in training_rows(tmp_path / "split")]
     assert steps == sorted(set(steps)), "a resumed run must not leave duplicate metric rows"
 

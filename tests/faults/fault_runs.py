@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from builders import FAST_ARGS
+from builders import FAST_ARGS, assert_same_backbones
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,11 +41,7 @@ def metric_steps(run_dir: Path) -> list[int]:
 
 def assert_ends_like(run_dir: Path, reference: Path) -> None:
     """Same final weights (every tensor of backbone.pt, bit for bit), summary and logged steps."""
-    ours = torch.load(Path(run_dir) / "backbone.pt", weights_only=True)["state_dict"]
-    theirs = torch.load(Path(reference) / "backbone.pt", weights_only=True)["state_dict"]
-    assert ours.keys() == theirs.keys()
-    for name in theirs:
-        assert torch.equal(ours[name], theirs[name]), name
+    assert_same_backbones(Path(run_dir), Path(reference))
     a, b = summary_of(run_dir), summary_of(reference)
     for key in ("train_steps", "images_seen", "rela_phase_end_step", "linear_probe_top1", "knn_top1",
                 "replica_weight_digests"):

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from builders import FAST_ARGS, expected_step_fn, training_rows
+from builders import FAST_ARGS, assert_same_backbones, expected_step_fn, training_rows
 from rela.config import METHOD_NAMES
 from rela.data.interfaces import TrainBatch
 from rela.methods.learner import Learner, method_phase
@@ -161,11 +161,7 @@ def test_each_method_trains_from_the_cli_hands_over_and_resumes_to_the_uninterru
     args = [*RUN, "--method", method, "--bank-dir", str(tmp_path / "banks"), "--out", str(tmp_path / "whole")]
     assert main(args) == 0
     whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
-    a = torch.load(tmp_path / "whole" / "backbone.pt")["state_dict"]
-    b = torch.load(tmp_path / "split" / "backbone.pt")["state_dict"]
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_same_backbones(tmp_path / "whole", tmp_path / "split")
     for key in ("linear_probe_top1", "knn_top1", "images_seen", "rela_phase_end_step", "train_steps"):
         assert split[key] == whole[key], key
     assert [r["loss"] for r in training_rows(tmp_path / "whole")] == [r["loss"] for r in rows]
